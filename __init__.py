@@ -1,0 +1,5 @@
+"""ComfyUI-DC-Gen: DC-Gen (arXiv 2509.25180) for ComfyUI."""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,345 @@
+"""DC-Gen-FLUX in ComfyUI: move a ComfyUI FLUX model into DC-AE latent space.
+
+A DC-Gen model is a FLUX transformer whose input embedder and output head take
+C DC-AE latent channels per token, one token per latent pixel (1x1 patches).
+ComfyUI's FLUX patchifies 2x2 (hard-coded in v0.3.64, ``patch_size`` in newer
+releases). Viewing a natural DC-AE latent (B, C, h, w) through
+``pixel_shuffle(., 2)`` as (B, C/4, 2h, 2w) makes that 2x2 patchify produce
+exactly the DC-Gen tokens (same order, same channel layout, position ids
+[0, row, col]); ``pixel_unshuffle`` undoes it on the way out. This is done by a
+diffusion-model wrapper, so the forward of either ComfyUI version is used as is
+and LATENTs stay natural (B, C, H/f, W/f) for every core latent node.
+
+Everything is installed on a clone: object patches for the new embedder/head,
+latent format and model sampling, and a wrapper. The incoming model is never
+modified.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from . import previews
+from .checkpoints import load_checkpoint
+from .comfy_vae import check_resolution, require_dcae
+from .embedding import AlignedEmbedding, check_embedding_for_model
+from .errors import DCGenError
+from .flux_keys import diffusers_to_bfl, flux_config_from_state_dict, is_bfl_flux, is_diffusers_flux, strip_prefix
+from .schedules import TimeShift, comfy_model_sampling, official_shift, retarget_sigmas
+
+WRAPPER_KEY = "dcgen_dcae_tokens"
+SPATIAL_COMPRESSION = {32: 32, 128: 64, 512: 128}
+DEFAULT_SCALING = {32: 0.41407, 128: 0.5935, 512: 0.3620}
+#: The resolution each DC-Gen model was trained for (the default time shift).
+NATIVE_RESOLUTION = {32: 1024, 128: 4096, 512: 4096}
+WEIGHT_DTYPES = ["default", "fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+
+
+def _dcae_tokens_wrapper(executor, x, *args, **kwargs):
+    out = executor(F.pixel_shuffle(x, 2), *args, **kwargs)
+    return F.pixel_unshuffle(out, 2)
+
+
+def make_latent_format(latent_channels: int, scaling_factor: float):
+    import comfy.latent_formats
+
+    class DCAELatent(comfy.latent_formats.LatentFormat):
+        latent_dimensions = 2
+
+        def __init__(self, channels, scale):
+            self.latent_channels = channels
+            self.scale_factor = scale
+
+        @property
+        def latent_rgb_factors(self):
+            return previews.lookup(self.latent_channels)[0]
+
+        @property
+        def latent_rgb_factors_bias(self):
+            return previews.lookup(self.latent_channels)[1]
+
+    return DCAELatent(latent_channels, scaling_factor)
+
+
+def dcgen_info(model) -> dict | None:
+    """What a patched/loaded DC-Gen MODEL carries: latent channels, f, scaling, shift."""
+    return model.model_options.get("dcgen")
+
+
+def flux_config_of(model):
+    """The FluxConfig of a ComfyUI FLUX MODEL (read from its weights, as loaded)."""
+    from .flux_keys import flux_config_from_state_dict
+
+    dm = require_flux(model)
+    sd = {k: v for k, v in dm.state_dict(keep_vars=True).items()}
+    return flux_config_from_state_dict(sd, {"axes_dims_rope": list(dm.params.axes_dim)})
+
+
+class _PreviewView:
+    """``model`` as seen by ComfyUI's previewer: the same, except for its latent format."""
+
+    def __init__(self, model, latent_format):
+        self._model = model
+        self.model = _BaseModelView(model.model, latent_format)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class _BaseModelView:
+    def __init__(self, base_model, latent_format):
+        self._base = base_model
+        self.latent_format = latent_format
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+def install_preview_hook():
+    """Make core samplers preview DC-AE latents of patched models.
+
+    ComfyUI builds the previewer from ``model.model.latent_format`` before the
+    clone's object patches are applied, so a patched core FLUX would be previewed
+    with FLUX's 16-channel factors. Only models carrying DC-Gen info are affected.
+    """
+    import latent_preview
+
+    original = latent_preview.prepare_callback
+    if getattr(original, "dcgen_hook", False):
+        return
+
+    def prepare_callback(model, steps, *args, **kwargs):
+        info = dcgen_info(model) if hasattr(model, "model_options") else None
+        if info is not None:
+            model = _PreviewView(model, make_latent_format(info["latent_channels"], info["scaling_factor"]))
+        return original(model, steps, *args, **kwargs)
+
+    prepare_callback.dcgen_hook = True
+    latent_preview.prepare_callback = prepare_callback
+
+
+def require_flux(model, subject: str = "model"):
+    import comfy.ldm.flux.model
+
+    dm = model.get_model_object("diffusion_model")
+    if not isinstance(dm, comfy.ldm.flux.model.Flux) or not hasattr(dm, "img_in") or not hasattr(dm, "final_layer"):
+        raise DCGenError(
+            f"{subject}: expected a FLUX model (FLUX.1-dev / Krea-dev loaded with Load Diffusion Model), "
+            f"found {type(model.model).__name__} with a {type(dm).__name__} transformer."
+        )
+    return dm
+
+
+def _linear_like(template, weight: torch.Tensor, bias: torch.Tensor | None, fallback_dtype):
+    dtype = template.weight.dtype
+    if dtype.itemsize < 2:  # fp8 base weights: keep the small new layers in the compute dtype
+        dtype = fallback_dtype or torch.bfloat16
+    layer = type(template)(weight.shape[1], weight.shape[0], bias=bias is not None,
+                           dtype=dtype, device=template.weight.device)
+    layer.weight = torch.nn.Parameter(weight.to(dtype=dtype, device=template.weight.device), requires_grad=False)
+    if bias is not None:
+        layer.bias = torch.nn.Parameter(bias.to(dtype=dtype, device=template.weight.device), requires_grad=False)
+    return layer
+
+
+def _shift_for_image(latent_channels: int, width: int, height: int) -> TimeShift:
+    f = SPATIAL_COMPRESSION[latent_channels]
+    check_resolution(width, height, f)
+    return official_shift(height // f, width // f, latent_channels)
+
+
+def _follow_latent_size(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """Re-target the schedule to the latent actually sampled (the official shift depends on its size)."""
+    guider = executor.class_obj
+    info = guider.model_options.get("dcgen")
+    sampling = guider.model_patcher.get_model_object("model_sampling")
+    configured = getattr(sampling, "time_shift", None)
+    if info is not None:
+        check_latent_channels(latent_image, info["latent_channels"])
+    if info is not None and info.get("fixed_resolution") is None and configured is not None and noise.ndim == 4:
+        actual = official_shift(noise.shape[-2], noise.shape[-1], info["latent_channels"], configured.rule)
+        if actual != configured:
+            sigmas = retarget_sigmas(sigmas, configured, actual)
+    return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+
+def check_latent_channels(latent: "torch.Tensor", latent_channels: int, subject: str = "LATENT"):
+    if latent.ndim == 4 and latent.shape[1] != latent_channels:
+        raise DCGenError(
+            f"{subject}: expected a DC-AE latent with {latent_channels} channels for this DC-Gen model, found "
+            f"{latent.shape[1]} channels (shape {list(latent.shape)}), a latent from another model. Use Empty DC-AE "
+            f"Latent Image, or VAE Encode with the DC-AE VAE the model was trained with.")
+
+
+def set_time_shift(model, width: int, height: int):
+    """Clone ``model`` with the official DC-Gen shift fixed to a width x height image."""
+    info = dcgen_info(model)
+    if info is None:
+        raise DCGenError("model: expected a DC-Gen model (from Load DC-Gen Diffusion Model or the aligned-embedding "
+                         "patcher), found a plain model.")
+    shift = _shift_for_image(info["latent_channels"], width, height)
+    m = model.clone()
+    m.add_object_patch("model_sampling", comfy_model_sampling(shift))
+    m.model_options["dcgen"] = {**info, "shift": shift.describe(), "fixed_resolution": (width, height)}
+    return m
+
+
+def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_model: bool):
+    """Latent format, time shift and token wrappers. ``own_model``: the BaseModel is ours (fresh from a loader)."""
+    import comfy.patcher_extension as pe
+
+    native = NATIVE_RESOLUTION[latent_channels]
+    shift = _shift_for_image(latent_channels, native, native)
+    fmt = make_latent_format(latent_channels, scaling_factor)
+    sampling = comfy_model_sampling(shift)
+    # one DC-Gen token covers one latent pixel, where ComfyUI's FLUX estimate assumes four
+    memory_factor = m.model.memory_usage_factor * 4
+    if own_model:
+        m.model.latent_format = fmt
+        m.model.model_sampling = sampling
+        m.model.memory_usage_factor = memory_factor
+    else:
+        m.add_object_patch("latent_format", fmt)
+        m.add_object_patch("model_sampling", sampling)
+        m.add_object_patch("memory_usage_factor", memory_factor)
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _dcae_tokens_wrapper)
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _follow_latent_size)
+    m.model_options["dcgen"] = {
+        "latent_channels": latent_channels,
+        "spatial_compression": SPATIAL_COMPRESSION[latent_channels],
+        "scaling_factor": scaling_factor,
+        "rule": shift.rule,
+        "shift": shift.describe() + " at native size; follows the latent",
+        "fixed_resolution": None,
+    }
+
+
+def resolve_scaling(latent_channels: int, vae=None, subject: str = "embedding") -> float:
+    """The DC-AE scaling factor: from the paired VAE when given, else the DC-Gen default for C."""
+    if vae is not None:
+        dcae_cfg = require_dcae(vae)
+        vae_c = dcae_cfg.latent_channels
+        if vae_c != latent_channels:
+            raise DCGenError(f"{subject}: expected {vae_c} latent channels (the DC-AE '{dcae_cfg.variant}'), "
+                             f"found {latent_channels}. Pair the model with the DC-AE it was trained for.")
+        return float(dcae_cfg.scaling_factor)
+    if latent_channels not in DEFAULT_SCALING:
+        raise DCGenError(f"{subject}: expected 32, 128 or 512 DC-AE latent channels, found {latent_channels}.")
+    return DEFAULT_SCALING[latent_channels]
+
+
+def apply_aligned_embedding(model, emb: AlignedEmbedding, vae=None, clone: bool = True):
+    """A clone of a ComfyUI FLUX ``model`` that samples DC-AE latents with ``emb``.
+
+    The official time shift for the sampled latent's size is applied at sampling time.
+    """
+    dm = require_flux(model)
+    check_embedding_for_model(emb, hidden_size=dm.hidden_size, source=emb.source)
+    c = emb.latent_channels
+    scaling = resolve_scaling(c, vae, emb.source)
+    m = model.clone() if clone else model
+    fallback = getattr(model.model, "manual_cast_dtype", None)
+    m.add_object_patch("diffusion_model.img_in", _linear_like(dm.img_in, emb.img_in_weight, emb.img_in_bias, fallback))
+    m.add_object_patch("diffusion_model.final_layer.linear",
+                       _linear_like(dm.final_layer.linear, emb.out_weight, emb.out_bias, fallback))
+    info = dcgen_info(model)
+    if info is None or info["latent_channels"] != c or info["scaling_factor"] != scaling:
+        _install_latent_space(m, c, scaling, own_model=False)
+    return m
+
+
+# --- loading whole transformers -------------------------------------------------
+
+def _unet_dtype(weight_dtype: str, sd, model_config, load_device):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    explicit = {
+        "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+        "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+    }
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise DCGenError(f"weight_dtype: expected one of {WEIGHT_DTYPES}, found '{weight_dtype}'.")
+    if weight_dtype != "default":
+        return explicit[weight_dtype]
+    params = sum(t.numel() for t in sd.values())
+    return mm.unet_dtype(model_params=params, supported_dtypes=list(model_config.supported_inference_dtypes),
+                         weight_dtype=comfy.utils.weight_dtype(sd))
+
+
+def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: str = "checkpoint"):
+    """A ComfyUI FLUX ModelPatcher for a BFL-keyed state dict of any width/depth/channel count.
+
+    The model is built on the meta device and the (memory-mapped) tensors are
+    assigned, so no second copy of the weights is made when dtypes agree.
+    """
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if cfg.img_in_features % 4 or cfg.out_features % 4:
+        raise DCGenError(f"{source}: expected in/out channel counts divisible by 4, "
+                         f"found {cfg.img_in_features}/{cfg.out_features}.")
+    unet_config = comfy.model_detection.detect_unet_config(sd_bfl, "") or {"image_model": "flux"}
+    unet_config.update(
+        image_model="flux", in_channels=cfg.img_in_features // 4, out_channels=cfg.out_features // 4, patch_size=2,
+        vec_in_dim=cfg.vec_in_dim, context_in_dim=cfg.context_in_dim, hidden_size=cfg.hidden_size,
+        mlp_ratio=cfg.mlp_ratio, num_heads=cfg.num_heads, depth=cfg.depth,
+        depth_single_blocks=cfg.depth_single_blocks, axes_dim=list(cfg.axes_dim), theta=cfg.theta,
+        qkv_bias=cfg.qkv_bias, guidance_embed=cfg.guidance_embed,
+    )
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd_bfl)
+    if model_config is None:
+        raise DCGenError(f"{source}: ComfyUI has no FLUX model class for config {unet_config}.")
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    unet_dtype = _unet_dtype(weight_dtype, sd_bfl, model_config, load_device)
+    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    if weight_dtype == "fp8_e4m3fn_fast":
+        model_config.optimizations["fp8"] = True
+
+    model = model_config.get_model(sd_bfl, "", device="meta")
+    model.device = None
+    dm = model.diffusion_model
+    expected = dm.state_dict()
+    missing = sorted(set(expected) - set(sd_bfl))
+    unexpected = sorted(set(sd_bfl) - set(expected))
+    wrong = [k for k in expected if k in sd_bfl and tuple(expected[k].shape) != tuple(sd_bfl[k].shape)]
+    if missing or unexpected or wrong:
+        raise DCGenError(
+            f"{source}: expected the keys of a FLUX transformer with {cfg.depth} double / {cfg.depth_single_blocks} "
+            f"single blocks, found missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}."
+        )
+    dm.load_state_dict({k: v.to(unet_dtype) for k, v in sd_bfl.items()}, strict=True, assign=True)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise DCGenError(f"{source}: internal error, tensors left unloaded: {leftovers[:4]}")
+    model.to(offload_device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def load_flux_transformer(path: str, weight_dtype: str = "default", vae=None):
+    """Load a DC-Gen-FLUX (or base FLUX) transformer file or diffusers folder as a ComfyUI MODEL."""
+    ckpt = load_checkpoint(path, component="transformer")
+    sd = strip_prefix(ckpt.state_dict)
+    if is_diffusers_flux(sd):
+        sd = diffusers_to_bfl(sd)
+    elif not is_bfl_flux(sd):
+        sample = ", ".join(sorted(sd)[:3])
+        raise DCGenError(f"{path}: expected a FLUX transformer (diffusers or BFL/ComfyUI keys), found keys like {sample}.")
+    cfg = flux_config_from_state_dict(sd, ckpt.config)
+    c_in, c_out = cfg.img_in_features, cfg.out_features
+    if c_in == c_out == 64:
+        logging.info("%s: base FLUX (16-channel latents, 2x2 patches); loaded without DC-AE latent space.", path)
+        return build_comfy_flux(sd, cfg, weight_dtype, source=path)
+    if c_in != c_out or c_in not in SPATIAL_COMPRESSION:
+        raise DCGenError(f"{path}: expected a DC-Gen transformer whose embedder and head take the same DC-AE "
+                         f"channel count (32, 128 or 512), found {c_in} in / {c_out} out.")
+    scaling = resolve_scaling(c_in, vae, path)
+    m = build_comfy_flux(sd, cfg, weight_dtype, source=path)
+    _install_latent_space(m, c_in, scaling, own_model=True)
+    return m

@@ -1,0 +1,218 @@
+"""Run ComfyUI workflows headless, in-process, through ComfyUI's own executor.
+
+Used by the test-suite, the benchmarks and ``python -m dcgen_core.headless``.
+ComfyUI itself is found through ``COMFYUI_PATH`` (default ``~/ComfyUI``); it is
+imported only when :func:`boot` is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import uuid
+
+DEFAULT_COMFYUI_PATH = os.path.expanduser("~/ComfyUI")
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_MODULE = "comfyui_dc_gen"
+
+
+def comfyui_path() -> str:
+    return os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI_PATH
+
+
+def comfyui_available(path: str | None = None) -> bool:
+    path = path or comfyui_path()
+    return os.path.isfile(os.path.join(path, "nodes.py")) and os.path.isdir(os.path.join(path, "comfy"))
+
+
+class _HeadlessServer:
+    """The parts of PromptServer that the executor touches."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+class ComfyRuntime:
+    def __init__(self, path: str):
+        self.path = path
+        import execution
+        import nodes
+
+        self.nodes = nodes
+        self.execution = execution
+        self.server = _HeadlessServer()
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.pack = sys.modules.get(PACK_MODULE)
+
+    @property
+    def node_classes(self) -> dict:
+        return self.nodes.NODE_CLASS_MAPPINGS
+
+    def register(self, mapping: dict):
+        """Register extra node classes (tests use this for capture nodes)."""
+        self.nodes.NODE_CLASS_MAPPINGS.update(mapping)
+
+    def validate(self, prompt: dict):
+        result = asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        ok, error, outputs, node_errors = result[:4]
+        if not ok:
+            raise RuntimeError(f"ComfyUI rejected the prompt: {error}\n{json.dumps(node_errors, indent=1, default=str)}")
+        return outputs
+
+    def run(self, prompt: dict) -> dict:
+        """Validate and execute an API-format prompt; returns the history outputs."""
+        outputs = self.validate(prompt)
+        self.server.messages.clear()
+        self.executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
+        if not self.executor.success:
+            errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
+            if errors:
+                err = errors[0]
+                raise RuntimeError(
+                    f"ComfyUI failed in node {err.get('node_id')} ({err.get('node_type')}): "
+                    f"{err.get('exception_type')}: {err.get('exception_message')}\n"
+                    + "".join(err.get("traceback", []))
+                )
+            raise RuntimeError(f"ComfyUI execution failed: {self.executor.status_messages}")
+        return self.executor.history_result.get("outputs", {})
+
+
+_runtime: ComfyRuntime | None = None
+
+
+def boot(path: str | None = None, cpu: bool = True, output_dir: str | None = None,
+         model_dirs: dict[str, list[str]] | None = None) -> ComfyRuntime:
+    """Import ComfyUI from ``path``, load its built-in nodes and this pack (once per process)."""
+    global _runtime
+    path = path or comfyui_path()
+    if _runtime is None:
+        if not comfyui_available(path):
+            raise RuntimeError(f"ComfyUI not found at {path} (set COMFYUI_PATH).")
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        import comfy.options
+
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args
+
+        args.cpu = cpu
+        if cpu:
+            args.force_fp32 = True
+        import comfy.utils  # noqa: F401  (sets up ComfyUI's torch defaults)
+        import nodes
+
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        _load_pack(nodes, loop)
+        _runtime = ComfyRuntime(path)
+    import folder_paths
+
+    if output_dir:
+        folder_paths.set_output_directory(output_dir)
+    for kind, dirs in (model_dirs or {}).items():
+        for d in dirs:
+            folder_paths.add_model_folder_path(kind, d, is_default=True)
+    return _runtime
+
+
+def _load_pack(nodes, loop):
+    if PACK_MODULE in sys.modules:
+        module = sys.modules[PACK_MODULE]
+    else:
+        spec = importlib.util.spec_from_file_location(
+            PACK_MODULE, os.path.join(PACK_DIR, "__init__.py"), submodule_search_locations=[PACK_DIR]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_MODULE] = module
+        spec.loader.exec_module(module)
+    nodes.NODE_CLASS_MAPPINGS.update(module.NODE_CLASS_MAPPINGS)
+    nodes.NODE_DISPLAY_NAME_MAPPINGS.update(getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+
+
+# --- UI workflow -> API prompt ------------------------------------------------
+
+_WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, (list, tuple)) or kind in _WIDGET_TYPES
+
+
+def _has_control_widget(name: str, spec) -> bool:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return bool(opts.get("control_after_generate")) or (spec[0] == "INT" and name in ("seed", "noise_seed"))
+
+
+def workflow_to_prompt(workflow: dict, node_classes: dict) -> dict:
+    """Convert a UI-format workflow (what the editor saves) to an API prompt."""
+    links = {link[0]: link for link in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4) or node["type"] in ("Note", "MarkdownNote"):
+            continue
+        cls = node_classes.get(node["type"])
+        if cls is None:
+            raise KeyError(f"workflow node {node['id']}: unknown node type '{node['type']}'")
+        types = cls.INPUT_TYPES()
+        specs = {**types.get("required", {}), **types.get("optional", {})}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for name, spec in specs.items():
+            if not _is_widget(spec):
+                continue
+            if not values:
+                break
+            inputs[name] = values.pop(0)
+            if _has_control_widget(name, spec) and values:
+                values.pop(0)
+        for inp in node.get("inputs", []):
+            link_id = inp.get("link")
+            if link_id is not None:
+                link = links[link_id]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run a ComfyUI workflow (UI or API JSON) headless through ComfyUI's executor.")
+    parser.add_argument("workflow")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or ~/ComfyUI)")
+    parser.add_argument("--gpu", action="store_true", help="use the GPU (default: --cpu)")
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
+                        help="override an input, e.g. --set 3.steps=4 --set 9.unet_name='\"x.safetensors\"'")
+    a = parser.parse_args(argv)
+    runtime = boot(a.comfyui, cpu=not a.gpu, output_dir=a.output_dir)
+    with open(a.workflow, encoding="utf-8") as f:
+        wf = json.load(f)
+    prompt = workflow_to_prompt(wf, runtime.node_classes) if "nodes" in wf else wf
+    for item in a.set:
+        key, value = item.split("=", 1)
+        node_id, name = key.split(".", 1)
+        try:
+            prompt[node_id]["inputs"][name] = json.loads(value)
+        except json.JSONDecodeError:
+            prompt[node_id]["inputs"][name] = value
+    outputs = runtime.run(prompt)
+    print(json.dumps(outputs, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""DC-Gen LoRA files for FLUX: key layouts, alpha, and the ComfyUI patch key map.
+
+Layouts read: diffusers (``transformer.<module>.lora_A/B.weight``), PEFT
+(``base_model.model.<module>.lora_A[.default].weight``, alpha from
+``adapter_config.json`` or the ``lora_adapter_metadata`` header), kohya
+(``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` and
+``lora_transformer_<diffusers module>``), and BFL/ComfyUI module names
+(``diffusion_model.<module>.lora_A.weight``). Diffusers modules that are fused
+in ComfyUI (q/k/v, single-block q/k/v/mlp) map to a row offset of the fused
+weight. The patches are applied through ComfyUI's weight patching, so
+offloading and low-VRAM modes keep working; nothing is rewritten in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from .checkpoints import load_safetensors
+from .embedding import extract_aligned_embedding
+from .errors import DCGenError
+from .flux_keys import (SCALE_SHIFT_SWAPPED_MODULES, diffusers_flux_module_names, diffusers_flux_module_to_bfl,
+                        swap_scale_shift)
+
+_SUFFIXES = (
+    ".lora_A.weight", ".lora_B.weight", ".lora_up.weight", ".lora_down.weight", ".lora_mid.weight",
+    ".lora.up.weight", ".lora.down.weight", "_lora.up.weight", "_lora.down.weight",
+    ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight",
+    ".lora_A.bias", ".lora_B.bias", ".alpha", ".dora_scale", ".diff", ".diff_b",
+)
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1", "te2", "lora_t5", "t5xxl", "clip_l")
+_PEFT_ADAPTER = re.compile(r"\.(lora_[AB])\.[^.]+\.(weight|bias)$")
+
+
+def module_of(key: str) -> str | None:
+    for s in _SUFFIXES:
+        if key.endswith(s):
+            return key[: -len(s)]
+    return None
+
+
+def _alpha_from(path: str, metadata: dict) -> float | None:
+    cfg = None
+    if metadata.get("lora_adapter_metadata"):
+        cfg = json.loads(metadata["lora_adapter_metadata"])
+    else:
+        beside = os.path.join(os.path.dirname(path), "adapter_config.json")
+        if os.path.isfile(beside):
+            with open(beside, encoding="utf-8") as f:
+                cfg = json.load(f)
+    if cfg and cfg.get("lora_alpha") is not None:
+        return float(cfg["lora_alpha"])
+    return None
+
+
+def normalize_lora(sd: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """Rename keys to one of the layouts ComfyUI's LoRA reader knows, adding ``.alpha`` when known."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("base_model.model."):
+            k = k[len("base_model.model."):]
+        k = _PEFT_ADAPTER.sub(r".\1.\2", k)
+        if k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+                         "time_text_embed.", "norm_out.", "proj_out.")):
+            k = "transformer." + k
+        elif k.startswith(("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "final_layer.", "time_in.",
+                           "vector_in.", "guidance_in.")):
+            k = "diffusion_model." + k
+        elif k.startswith("model.diffusion_model."):
+            k = k[len("model."):]
+        out[k] = v
+    if alpha is not None:
+        for k in list(out):
+            m = module_of(k)
+            if m is not None and k.endswith((".lora_A.weight", ".lora_down.weight")) and f"{m}.alpha" not in out:
+                out[f"{m}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def flux_lora_key_map(model_keys, cfg) -> dict:
+    """LoRA module name -> ComfyUI patch key.
+
+    Values are ``"diffusion_model.<w>.weight"``, ``(key, (0, start, rows))`` for a
+    part of a fused weight, or ``(key, None, swap_scale_shift)`` for ``norm_out``.
+    """
+    key_map = {}
+    for k in model_keys:
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            module = k[len("diffusion_model."):-len(".weight")]
+            key_map[f"diffusion_model.{module}"] = k
+            key_map["lora_unet_" + module.replace(".", "_")] = k
+    for name in diffusers_flux_module_names(cfg):
+        bfl_key, offset = diffusers_flux_module_to_bfl(name, config=cfg)
+        target = f"diffusion_model.{bfl_key}"
+        if target not in model_keys:
+            continue
+        if offset is not None:
+            value = (target, tuple(offset))
+        elif name in SCALE_SHIFT_SWAPPED_MODULES:
+            value = (target, None, swap_scale_shift)
+        else:
+            value = target
+        key_map[f"transformer.{name}"] = value
+        key_map["lora_transformer_" + name.replace(".", "_")] = value
+    return key_map
+
+
+def read_lora_file(path: str):
+    """(normalized LoRA state dict, AlignedEmbedding or None) from a LoRA safetensors file."""
+    sd, metadata = load_safetensors(path)
+    emb, rest = extract_aligned_embedding(sd, source=path)
+    return normalize_lora(rest, _alpha_from(path, metadata)), emb
+
+
+def unmatched_modules(lora_sd: dict, key_map: dict) -> list[str]:
+    modules = {module_of(k) for k in lora_sd}
+    unknown = sorted(k for k in lora_sd if module_of(k) is None)
+    missing = sorted(m for m in modules if m is not None and m not in key_map
+                     and not m.startswith(_TEXT_ENCODER_PREFIXES))
+    return unknown + missing
+
+
+def lora_patches(model, lora_sd: dict, source: str, cfg) -> dict:
+    """ComfyUI patches for ``model`` (a FLUX ModelPatcher); errors if the LoRA targets another model."""
+    import comfy.lora
+
+    key_map = flux_lora_key_map(set(model.model_state_dict().keys()), cfg)
+    bad = unmatched_modules(lora_sd, key_map)
+    if bad:
+        raise DCGenError(
+            f"{source}: expected a LoRA for this FLUX transformer (modules like transformer.transformer_blocks.0.attn.to_q "
+            f"or lora_unet_double_blocks_0_img_attn_qkv), found {len(bad)} entries it does not have, e.g. "
+            f"{', '.join(bad[:3])}. Is it a LoRA for another model or another depth?"
+        )
+    patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
+    if not patches:
+        raise DCGenError(f"{source}: expected LoRA weights (lora_A/lora_B or lora_up/lora_down), found none.")
+    check_lora_shapes(patches, model.model_state_dict(), source)
+    return patches
+
+
+def _low_rank_pair(patch):
+    """(up, down) of a plain LoRA patch, for either ComfyUI patch representation."""
+    if isinstance(patch, tuple):
+        kind, weights = patch
+    else:
+        kind, weights = getattr(patch, "name", None), getattr(patch, "weights", None)
+    if kind == "lora" and weights is not None and weights[0].ndim == 2 and weights[1].ndim == 2:
+        return weights[0], weights[1]
+    return None
+
+
+def check_lora_shapes(patches: dict, model_sd: dict, source: str):
+    """Reject a LoRA trained for another width of model before ComfyUI silently skips it at patch time."""
+    for key, patch in patches.items():
+        target, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
+        pair = _low_rank_pair(patch)
+        if pair is None or target not in model_sd:
+            continue
+        weight = model_sd[target]
+        rows = offset[2] if offset else weight.shape[0]
+        up, down = pair
+        if up.shape[0] != rows or down.shape[1] != weight.shape[1]:
+            raise DCGenError(
+                f"{source}: expected a LoRA delta of [{rows}, {weight.shape[1]}] for {target}, found "
+                f"[{up.shape[0]}, {down.shape[1]}] (rank {down.shape[0]}). This LoRA is for another model.")
+
+
+def apply_lora(model, path: str, strength: float = 1.0, vae=None):
+    """A clone of ``model`` with the LoRA at ``path`` added as weight patches.
+
+    When the file also carries an aligned embedder/head, the clone gets them too
+    (and with them the DC-AE latent space).
+    """
+    from .flux import apply_aligned_embedding, flux_config_of, require_flux
+
+    require_flux(model, subject=path)
+    lora_sd, emb = read_lora_file(path)
+    if emb is None and not lora_sd:
+        raise DCGenError(f"{path}: expected LoRA weights or an aligned embedding, found an empty file.")
+    m = model.clone()
+    if emb is not None:
+        m = apply_aligned_embedding(m, emb, vae=vae, clone=False)
+    if lora_sd and strength != 0:
+        patches = lora_patches(m, lora_sd, path, flux_config_of(m))
+        applied = set(m.add_patches(patches, strength))
+        skipped = [k for k in patches if k not in applied]
+        if skipped:
+            raise DCGenError(f"{path}: expected every LoRA target to exist in the model, found {len(skipped)} "
+                             f"that do not, e.g. {skipped[:3]}.")
+    return m

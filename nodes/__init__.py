@@ -1,0 +1,14 @@
+"""ComfyUI nodes of the DC-Gen pack. Each node is inputs, outputs, tooltips and one call into dcgen_core."""
+
+from ..dcgen_core.comfy_paths import register_folders
+from ..dcgen_core.flux import install_preview_hook
+from .latent import LATENT_NODES
+from .loaders import LOADER_NODES
+
+register_folders()
+install_preview_hook()
+
+_NODES = {**LOADER_NODES, **LATENT_NODES}
+
+NODE_CLASS_MAPPINGS = {name: cls for name, (cls, _) in _NODES.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {name: display for name, (_, display) in _NODES.items()}

@@ -1,0 +1,106 @@
+"""Loader and patcher nodes: DC-AE VAE, DC-Gen transformer, aligned embedding, LoRA."""
+
+from ..dcgen_core import comfy_paths
+from ..dcgen_core.comfy_vae import load_comfy_vae
+from ..dcgen_core.dcae import VARIANTS
+from ..dcgen_core.embedding import parse_aligned_embedding
+from ..dcgen_core.checkpoints import load_safetensors
+from ..dcgen_core.flux import WEIGHT_DTYPES, apply_aligned_embedding, load_flux_transformer
+from ..dcgen_core.lora import apply_lora
+
+CATEGORY = "DC-Gen/loaders"
+
+_VAE_TIP = ("Optional DC-AE VAE the model was trained with: its scaling factor is used and its channel count "
+            "checked against the model.")
+
+
+class DCAELoader:
+    DESCRIPTION = "Load a DC-AE (deep compression autoencoder) as a VAE for core VAE Decode/Encode (also tiled)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (comfy_paths.weight_files("vae"), {
+                "tooltip": "DC-AE weights in models/vae: a single safetensors (diffusers or original keys) or the "
+                           "diffusion_pytorch_model.safetensors of a diffusers folder (its config.json is read)."}),
+            "variant": (["auto", *VARIANTS], {
+                "default": "auto",
+                "tooltip": "auto: from config.json, then the file name, then the weights. Pick the variant when the "
+                           "file name does not tell (in vs mix, SANA 1.0 vs 1.1 differ only in scaling factor)."}),
+        }}
+
+    def load(self, vae_name, variant):
+        return (load_comfy_vae(comfy_paths.full_path("vae", vae_name), variant),)
+
+
+class DCGenModelLoader:
+    DESCRIPTION = ("Load a DC-Gen transformer (e.g. DC-Gen-FLUX.1-Krea-Dev Res1K/Res4K) as a MODEL that samples "
+                   "DC-AE latents. Memory-mapped; a diffusers folder is picked by its first shard.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (comfy_paths.weight_files("diffusion_models"), {
+                "tooltip": "Transformer in models/diffusion_models: single safetensors (diffusers or BFL keys) or a "
+                           "diffusers transformer folder (sharded, with its index json)."}),
+            "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "As in Load Diffusion Model."}),
+        }, "optional": {"vae": ("VAE", {"tooltip": _VAE_TIP})}}
+
+    def load(self, unet_name, weight_dtype, vae=None):
+        return (load_flux_transformer(comfy_paths.full_path("diffusion_models", unet_name), weight_dtype, vae=vae),)
+
+
+class DCGenApplyAlignedEmbedding:
+    DESCRIPTION = ("Move a FLUX MODEL into DC-AE latent space: swap in the aligned input embedder and output head "
+                   "(on a copy; the incoming model is unchanged). Add the DC-Gen LoRA after this.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "FLUX.1-Krea-dev (or dev) from Load Diffusion Model."}),
+            "embedding_name": (comfy_paths.embedding_files(), {
+                "tooltip": "Aligned embedding (x_embedder + proj_out, or img_in + final_layer.linear) in "
+                           "models/dcgen_embeddings or models/loras."}),
+        }, "optional": {"vae": ("VAE", {"tooltip": _VAE_TIP})}}
+
+    def apply(self, model, embedding_name, vae=None):
+        path = comfy_paths.full_path(comfy_paths.EMBEDDINGS, embedding_name)
+        sd, _ = load_safetensors(path)
+        return (apply_aligned_embedding(model, parse_aligned_embedding(sd, source=path), vae=vae),)
+
+
+class DCGenLoraLoader:
+    DESCRIPTION = ("Apply a DC-Gen (or any FLUX) LoRA: diffusers/PEFT and kohya layouts, fused qkv offsets. "
+                   "A file that also carries the aligned embedder/head applies them too. Stackable.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "lora_name": (comfy_paths.weight_files("loras"), {"tooltip": "LoRA in models/loras."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                         "tooltip": "LoRA strength (the embedder/head, if present, is always applied)."}),
+        }, "optional": {"vae": ("VAE", {"tooltip": _VAE_TIP})}}
+
+    def apply(self, model, lora_name, strength_model, vae=None):
+        return (apply_lora(model, comfy_paths.full_path("loras", lora_name), strength_model, vae=vae),)
+
+
+LOADER_NODES = {
+    "DCGenDCAELoader": (DCAELoader, "Load DC-AE VAE (DC-Gen)"),
+    "DCGenModelLoader": (DCGenModelLoader, "Load DC-Gen Diffusion Model"),
+    "DCGenApplyAlignedEmbedding": (DCGenApplyAlignedEmbedding, "Apply DC-Gen Aligned Embedding"),
+    "DCGenLoraLoader": (DCGenLoraLoader, "Load DC-Gen LoRA"),
+}

@@ -1,0 +1,81 @@
+"""Test-only ComfyUI nodes: fixed prompt embeddings, output capture, and a tiny text encoder.
+
+FLUX's real text encoders (CLIP-L, T5-XXL) cannot be made tiny inside ComfyUI,
+so workflow tests replace the CLIP loader's output with a tiny deterministic
+encoder and parity tests feed the reference's prompt embeddings directly.
+"""
+
+import hashlib
+
+import torch
+
+import nodes as comfy_nodes
+
+from tiny import POOLED_DIM, TEXT_DIM, TEXT_TOKENS
+
+EMBEDDINGS = {}
+CAPTURED = {}
+TEXT_DIMS = (TEXT_DIM, POOLED_DIM)  # (context, pooled) widths the tiny encoder produces
+
+
+class TestPromptEmbeds:
+    CATEGORY = "_test"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "default"})}}
+
+    def run(self, key):
+        cond, pooled = EMBEDDINGS[key]
+        return ([[cond.clone(), {"pooled_output": pooled.clone()}]],)
+
+
+class TestCapture:
+    CATEGORY = "_test"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "out"})},
+                "optional": {"image": ("IMAGE",), "latent": ("LATENT",), "model": ("MODEL",)}}
+
+    def run(self, key, image=None, latent=None, model=None):
+        CAPTURED[key] = {"image": image, "latent": latent, "model": model}
+        return {}
+
+
+class TinyTextEncoder:
+    """Duck-types comfy.sd.CLIP for CLIPTextEncode / CLIPTextEncodeFlux: text -> tiny FLUX-shaped embeddings."""
+
+    def tokenize(self, text, **kwargs):
+        return {"text": text}
+
+    def encode(self, text):
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+        g = torch.Generator().manual_seed(seed)
+        context, pooled = TEXT_DIMS
+        return torch.randn(1, TEXT_TOKENS, context, generator=g), torch.randn(1, pooled, generator=g)
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
+        cond, pooled = self.encode(tokens["text"])
+        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        cond, pooled = self.encode(tokens["text"])
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+
+class TinyDualCLIPLoader(comfy_nodes.DualCLIPLoader):
+    """Same inputs as the core DualCLIPLoader (so shipped workflows run unchanged), tiny encoder out."""
+
+    def load_clip(self, *args, **kwargs):
+        return (TinyTextEncoder(),)
+
+
+NODE_CLASS_MAPPINGS = {"TestPromptEmbeds": TestPromptEmbeds, "TestCapture": TestCapture}

@@ -1,0 +1,84 @@
+"""Shared fixtures. ComfyUI-dependent fixtures skip, with the reason printed, when ComfyUI is absent."""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from dcgen_core.headless import comfyui_available, comfyui_path  # noqa: E402
+
+COMFY_MISSING = (f"ComfyUI not found at {comfyui_path()} (set COMFYUI_PATH to a ComfyUI checkout); "
+                 "the tests that run nodes and workflows inside ComfyUI are skipped")
+MODEL_KINDS = ("vae", "diffusion_models", "loras", "dcgen_embeddings", "text_encoders", "upscale_models",
+               "controlnet")
+
+
+def pytest_report_header(config):
+    return f"ComfyUI: {comfyui_path()} " + ("(found)" if comfyui_available() else "(absent: ComfyUI tests skip)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not comfyui_available():
+        print(f"\nSKIP REASON: {COMFY_MISSING}")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """ComfyUI booted in-process on CPU with this pack loaded and temporary model folders."""
+    if not comfyui_available():
+        pytest.skip(COMFY_MISSING)
+    from dcgen_core.headless import boot
+
+    root = tmp_path_factory.mktemp("comfy")
+    dirs = {k: str(root / "models" / k) for k in MODEL_KINDS}
+    for d in dirs.values():
+        os.makedirs(d, exist_ok=True)
+    runtime = boot(cpu=True, output_dir=str(root / "output"), model_dirs={k: [v] for k, v in dirs.items()})
+    import comfy_test_nodes
+
+    runtime.register(comfy_test_nodes.NODE_CLASS_MAPPINGS)
+    pack = sys.modules["comfyui_dc_gen"]
+    return SimpleNamespace(runtime=runtime, dirs=dirs, output=str(root / "output"), pack=pack,
+                           core=pack.dcgen_core, test_nodes=comfy_test_nodes)
+
+
+@pytest.fixture(scope="session")
+def tiny_dcgen():
+    import tiny
+
+    return tiny.TinyDCGen()
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    import tiny
+
+    return tiny.tiny_dcae()
+
+
+@pytest.fixture(scope="session")
+def comfy_models(comfy, tiny_dcgen, tiny_vae):
+    """The tiny DC-Gen files in ComfyUI's model folders; returns their widget names."""
+    import tiny
+
+    d = comfy.dirs
+    tiny.save_dcae_folder(tiny_vae, os.path.join(d["vae"], "dc-ae-f32c32-sana-1.1-tiny"))
+    tiny_dcgen.save_dcgen_diffusers_folder(os.path.join(d["diffusion_models"], "DC-Gen-FLUX-tiny-Res1K"))
+    tiny_dcgen.save_base_single_file(os.path.join(d["diffusion_models"], "flux-base-tiny.safetensors"))
+    tiny_dcgen.save_embedding(os.path.join(d["dcgen_embeddings"], "dcgen-flux-tiny-embedding.safetensors"))
+    tiny_dcgen.save_lora(os.path.join(d["loras"], "dcgen-flux-tiny-lora.safetensors"))
+    tiny_dcgen.save_lora(os.path.join(d["loras"], "dcgen-flux-tiny-lora+embedding.safetensors"), with_embedding=True)
+    return SimpleNamespace(
+        vae="dc-ae-f32c32-sana-1.1-tiny",
+        dcgen="DC-Gen-FLUX-tiny-Res1K",
+        base="flux-base-tiny.safetensors",
+        embedding="dcgen-flux-tiny-embedding.safetensors",
+        lora="dcgen-flux-tiny-lora.safetensors",
+        lora_with_embedding="dcgen-flux-tiny-lora+embedding.safetensors",
+    )
+

@@ -1,0 +1,186 @@
+"""Tiny random DC-Gen-FLUX models saved in the real file layouts, and the diffusers reference pipeline.
+
+The reference reproduces the authors' pipeline from REFERENCE.md with diffusers
+only: pack (B, C, h, w) -> (B, h*w, C) row-major with ids [0, row, col],
+FlowMatchEulerDiscreteScheduler over linspace(1, 1/steps, steps) with the
+official shift, FLUX guidance embedding, then AutoencoderDC.decode(latents /
+scaling_factor) and image = clamp(x/2 + 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from safetensors.torch import save_file
+
+LATENT_CHANNELS = 32
+SCALING = 0.41407
+TEXT_DIM = 32
+POOLED_DIM = 16
+TEXT_TOKENS = 7
+
+FLUX_CONFIG = dict(
+    patch_size=1, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=1, num_single_layers=2,
+    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
+    guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
+
+# A DC-AE f32c32 of SANA-1.1 shape, at tiny widths (6 stages, so f = 32 as in the real one).
+DCAE_CONFIG = dict(
+    in_channels=3, latent_channels=LATENT_CHANNELS, attention_head_dim=8,
+    encoder_block_types=["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"],
+    decoder_block_types=["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"],
+    encoder_block_out_channels=[8, 8, 16, 16, 32, 32], decoder_block_out_channels=[8, 8, 16, 16, 32, 32],
+    encoder_layers_per_block=[1, 1, 1, 1, 1, 1], decoder_layers_per_block=[1, 1, 1, 1, 1, 1],
+    encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+    upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
+    decoder_act_fns="silu", scaling_factor=SCALING,
+)
+
+LORA_TARGETS_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                       "ff_context.net.2")
+LORA_TARGETS_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+LORA_RANK, LORA_ALPHA = 4, 8.0
+
+
+def _randomize(model, seed: int, scale: float = 0.08):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("norm.weight", "norm1.weight", "norm2.weight")) or ".norm" in name and p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_dcae(seed: int = 1):
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    return _randomize(AutoencoderDC(**DCAE_CONFIG).eval(), seed, scale=0.15)
+
+
+def lora_modules(num_layers: int, num_single_layers: int) -> list[str]:
+    mods = [f"transformer_blocks.{i}.{t}" for i in range(num_layers) for t in LORA_TARGETS_DOUBLE]
+    mods += [f"single_transformer_blocks.{i}.{t}" for i in range(num_single_layers) for t in LORA_TARGETS_SINGLE]
+    return mods
+
+
+class TinyDCGen:
+    """Base FLUX (16 ch, 2x2 patches) + LoRA + aligned embedding, and the merged DC-Gen transformer."""
+
+    def __init__(self, seed: int = 0):
+        from diffusers import FluxTransformer2DModel
+
+        base_cfg = dict(FLUX_CONFIG, patch_size=1, in_channels=64, out_channels=64)
+        torch.manual_seed(seed)
+        self.base = _randomize(FluxTransformer2DModel(**base_cfg).eval(), seed)
+        self.base_config = base_cfg
+        g = torch.Generator().manual_seed(seed + 100)
+        hidden = FLUX_CONFIG["num_attention_heads"] * FLUX_CONFIG["attention_head_dim"]
+        self.embedding = {
+            "x_embedder.weight": 0.2 * torch.randn(hidden, LATENT_CHANNELS, generator=g),
+            "x_embedder.bias": 0.05 * torch.randn(hidden, generator=g),
+            "proj_out.weight": 0.2 * torch.randn(LATENT_CHANNELS, hidden, generator=g),
+            "proj_out.bias": 0.05 * torch.randn(LATENT_CHANNELS, generator=g),
+        }
+        base_sd = self.base.state_dict()
+        self.lora = {}  # diffusers layout: transformer.<module>.lora_A/B.weight
+        for m in lora_modules(FLUX_CONFIG["num_layers"], FLUX_CONFIG["num_single_layers"]):
+            w = base_sd[f"{m}.weight"]
+            self.lora[f"transformer.{m}.lora_A.weight"] = 0.3 * torch.randn(LORA_RANK, w.shape[1], generator=g)
+            self.lora[f"transformer.{m}.lora_B.weight"] = 0.3 * torch.randn(w.shape[0], LORA_RANK, generator=g)
+        merged = {k: v.clone() for k, v in base_sd.items()}
+        for m in lora_modules(FLUX_CONFIG["num_layers"], FLUX_CONFIG["num_single_layers"]):
+            up, down = self.lora[f"transformer.{m}.lora_B.weight"], self.lora[f"transformer.{m}.lora_A.weight"]
+            merged[f"{m}.weight"] += (LORA_ALPHA / LORA_RANK) * up @ down
+        merged.update(self.embedding)
+        self.dcgen = FluxTransformer2DModel(**FLUX_CONFIG).eval()
+        self.dcgen.load_state_dict(merged, strict=True)
+
+    # --- files ---------------------------------------------------------------
+    def save_dcgen_diffusers_folder(self, folder: str, max_shard_size: str = "40KB"):
+        """A sharded diffusers transformer folder (config.json, index json, shards)."""
+        self.dcgen.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+        return folder
+
+    def save_base_single_file(self, path: str):
+        """Base FLUX in diffusers keys as one safetensors; the config rides in the metadata."""
+        save_file({k: v.contiguous() for k, v in self.base.state_dict().items()}, path,
+                  metadata={"config": json.dumps(self.base_config)})
+        return path
+
+    def save_embedding(self, path: str, layout: str = "diffusers"):
+        sd = self.embedding
+        if layout == "bfl":
+            names = {"x_embedder": "img_in", "proj_out": "final_layer.linear"}
+            sd = {names[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v for k, v in sd.items()}
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+        return path
+
+    def save_lora(self, path: str, with_embedding: bool = False):
+        sd = dict(self.lora)
+        if with_embedding:
+            sd.update({f"transformer.{k}": v for k, v in self.embedding.items()})
+        meta = {"lora_adapter_metadata": json.dumps({"r": LORA_RANK, "lora_alpha": LORA_ALPHA})}
+        save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata=meta)
+        return path
+
+
+def save_dcae_folder(vae, folder: str):
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def prompt_embeddings(seed: int = 3, batch: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g),
+            torch.randn(batch, POOLED_DIM, generator=g))
+
+
+def official_shift_value(h: int, w: int, c: int) -> tuple[str, float]:
+    tokens = h * w
+    if c <= 32:
+        return "linear", math.sqrt(tokens * c / 4096)
+    m = (1.15 - 0.5) / (4096 - 256)
+    return "exponential", tokens * m + (0.5 - m * 256)
+
+
+@torch.no_grad()
+def reference_images(transformer, vae, width: int, height: int, seed: int, steps: int, guidance: float,
+                     cond: torch.Tensor, pooled: torch.Tensor, scaling: float = SCALING, batch: int = 1):
+    """The authors' pipeline on diffusers modules; returns (images [B, H, W, 3] in [0, 1], final latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    c = transformer.config.in_channels
+    f = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
+    h, w = height // f, width // f
+    rule, value = official_shift_value(h, w, c)
+    if rule == "linear":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=value, use_dynamic_shifting=False)
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).numpy())
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).numpy(), mu=value)
+    latents = torch.randn((batch, c, h, w), generator=torch.manual_seed(seed))  # as ComfyUI's prepare_noise
+    packed = latents.permute(0, 2, 3, 1).reshape(batch, h * w, c)
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    img_ids = ids.reshape(h * w, 3)
+    txt_ids = torch.zeros(cond.shape[1], 3)
+    for t in scheduler.timesteps:
+        v = transformer(hidden_states=packed, timestep=(t / 1000).expand(batch), guidance=torch.full((batch,), guidance),
+                        pooled_projections=pooled.expand(batch, -1), encoder_hidden_states=cond.expand(batch, -1, -1),
+                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        packed = scheduler.step(v, t, packed, return_dict=False)[0]
+    latents = packed.reshape(batch, h, w, c).permute(0, 3, 1, 2)
+    image = vae.decode(latents / scaling).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), latents
