@@ -30,6 +30,7 @@ def _is_diffusers_folder(folder: str, names: list[str]) -> bool:
 def _diffusers_folders(kind: str) -> list[str]:
     import folder_paths
 
+    register_folders()
     found = []
     for base in folder_paths.get_folder_paths(kind):
         if not os.path.isdir(base):
@@ -62,6 +63,7 @@ def full_path(kind: str, name: str) -> str:
     """Resolve a widget value (file or diffusers folder) to a path; embeddings are also searched in ``loras``."""
     import folder_paths
 
+    register_folders()
     kinds = [kind, "loras"] if kind == EMBEDDINGS else [kind]
     for k in kinds:
         path = folder_paths.get_full_path(k, name)

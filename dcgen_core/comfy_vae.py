@@ -14,7 +14,7 @@ import logging
 import torch
 
 from . import previews
-from .dcae import DCAE, load_dcae
+from .dcae import DCAE, estimate_decode_bytes, estimate_encode_bytes, load_dcae
 from .errors import DCGenError
 
 
@@ -23,11 +23,21 @@ class _QuietEmptyVAE(logging.Filter):
         return "No VAE weights detected" not in record.getMessage()
 
 
-def _decoder_bytes_per_pixel(model: DCAE) -> float:
-    """Rough activation memory of an untiled pass, per output pixel and per byte of dtype."""
-    cfg = model.config
-    widest_full_res = cfg.decoder_block_out_channels[0]
-    return 6.0 * widest_full_res + (4096.0 if cfg.has_attention else 0.0)
+class ComfyDCAE(torch.nn.Module):
+    """The DC-AE as ComfyUI's ``first_stage_model`` (ComfyUI sets its own attributes, e.g. ``device``, on it).
+
+    Decode/encode tile on their own when the untiled pass would not fit the device.
+    """
+
+    def __init__(self, dcae: DCAE):
+        super().__init__()
+        self.dcae = dcae
+
+    def encode(self, x, **options):
+        return self.dcae.encode(x, tiled=None)
+
+    def decode(self, z, **options):
+        return self.dcae.decode(z, tiled=None)
 
 
 def make_comfy_vae(model: DCAE, device=None, dtype=None):
@@ -43,9 +53,9 @@ def make_comfy_vae(model: DCAE, device=None, dtype=None):
                 super().__init__(sd={})
             finally:
                 logging.getLogger().removeFilter(quiet)
-            f = dcae.config.spatial_compression
-            per_pixel = _decoder_bytes_per_pixel(dcae)
-            self.first_stage_model = dcae.eval()
+            cfg = dcae.config
+            f = cfg.spatial_compression
+            self.first_stage_model = ComfyDCAE(dcae.eval())
             self.dcae_config = dcae.config
             self.latent_channels = dcae.config.latent_channels
             self.downscale_ratio = f
@@ -53,8 +63,9 @@ def make_comfy_vae(model: DCAE, device=None, dtype=None):
             self.latent_dim = 2
             self.output_channels = 3
             self.working_dtypes = [torch.bfloat16, torch.float32]
-            self.memory_used_decode = lambda shape, dt: shape[2] * shape[3] * f * f * per_pixel * mm.dtype_size(dt)
-            self.memory_used_encode = lambda shape, dt: shape[2] * shape[3] * per_pixel * mm.dtype_size(dt)
+            # per batch item; ComfyUI multiplies by the batch size it picks
+            self.memory_used_decode = lambda shape, dt: estimate_decode_bytes(cfg, (1, *shape[1:]), dt)
+            self.memory_used_encode = lambda shape, dt: estimate_encode_bytes(cfg, (1, *shape[1:]), dt)
             self.device = device or mm.vae_device()
             self.vae_dtype = dtype or mm.vae_dtype(self.device, self.working_dtypes)
             self.first_stage_model.to(self.vae_dtype)

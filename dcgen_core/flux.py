@@ -191,6 +191,7 @@ def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_mo
     """Latent format, time shift and token wrappers. ``own_model``: the BaseModel is ours (fresh from a loader)."""
     import comfy.patcher_extension as pe
 
+    install_preview_hook()
     native = NATIVE_RESOLUTION[latent_channels]
     shift = _shift_for_image(latent_channels, native, native)
     fmt = make_latent_format(latent_channels, scaling_factor)

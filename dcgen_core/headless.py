@@ -113,6 +113,10 @@ def boot(path: str | None = None, cpu: bool = True, output_dir: str | None = Non
         if cpu:
             args.force_fp32 = True
         import comfy.utils  # noqa: F401  (sets up ComfyUI's torch defaults)
+        try:  # before nodes.py puts comfy/ first on sys.path, where "utils" would be comfy/utils.py
+            import utils.install_util  # noqa: F401
+        except ImportError:
+            pass
         import nodes
 
         loop = asyncio.new_event_loop()

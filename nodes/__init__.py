@@ -1,12 +1,7 @@
 """ComfyUI nodes of the DC-Gen pack. Each node is inputs, outputs, tooltips and one call into dcgen_core."""
 
-from ..dcgen_core.comfy_paths import register_folders
-from ..dcgen_core.flux import install_preview_hook
 from .latent import LATENT_NODES
 from .loaders import LOADER_NODES
-
-register_folders()
-install_preview_hook()
 
 _NODES = {**LOADER_NODES, **LATENT_NODES}
 

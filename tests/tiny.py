@@ -64,7 +64,7 @@ def tiny_dcae(seed: int = 1):
     from diffusers import AutoencoderDC
 
     torch.manual_seed(seed)
-    return _randomize(AutoencoderDC(**DCAE_CONFIG).eval(), seed, scale=0.15)
+    return _randomize(AutoencoderDC(**DCAE_CONFIG).eval(), seed, scale=0.07)
 
 
 def lora_modules(num_layers: int, num_single_layers: int) -> list[str]:

@@ -1,0 +1,188 @@
+"""DC-Gen-FLUX at 1K on this machine: speedup, sampling overhead, DC-AE decode.
+
+Side by side in one run, on a reduced-depth FLUX of full width (hidden 3072,
+24 heads, context 4096; random weights):
+
+1. per-step time of base FLUX (16-ch latent /8, 2x2 patches: 4096 image tokens
+   at 1024x1024) vs DC-Gen (DC-AE f32c32, 1x1 patches: 1024 tokens), both
+   through ComfyUI's sampler, against the analytic FLOP ratio of the two token
+   counts (text length printed);
+2. our ComfyUI sampling path (KSampler internals, wrappers, model sampling) vs
+   the bare ComfyUI FLUX forward on the same tensors, and vs diffusers'
+   FluxTransformer2DModel forward on the same weights;
+3. our DC-AE decode vs diffusers AutoencoderDC.decode, full-size SANA f32c32.
+
+    python benchmarks/bench_1k.py [--double 1 --single 2 --text 512 --steps 3 --decode-size 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dcgen_core.headless import boot  # noqa: E402
+
+HIDDEN, HEADS, CONTEXT, POOLED, MLP = 3072, 24, 4096, 768, 4.0
+
+
+def flux_step_flops(img_tokens: int, txt_tokens: int, double: int, single: int, channels: int) -> float:
+    """FLOPs of one FLUX forward over the tokens: linears (qkv, proj, MLP, embedders) + attention."""
+    h, m = HIDDEN, int(HIDDEN * MLP)
+    n = img_tokens + txt_tokens
+    linear = double * (img_tokens + txt_tokens) * (4 * h * h + 2 * h * m)
+    linear += single * n * (h * (3 * h + m) + (h + m) * h)
+    linear += img_tokens * 2 * h * channels + txt_tokens * CONTEXT * h
+    attention = (double + single) * 2 * n * n * h  # QK^T and AV
+    return 2.0 * (linear + attention)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def build_models(double: int, single: int):
+    from diffusers import FluxTransformer2DModel
+
+    from dcgen_core.flux_keys import diffusers_to_bfl, flux_config_from_state_dict
+
+    torch.manual_seed(0)
+    ref = FluxTransformer2DModel(patch_size=1, in_channels=64, out_channels=64, num_layers=double,
+                                 num_single_layers=single, attention_head_dim=HIDDEN // HEADS,
+                                 num_attention_heads=HEADS, joint_attention_dim=CONTEXT,
+                                 pooled_projection_dim=POOLED, guidance_embeds=True,
+                                 axes_dims_rope=(16, 56, 56)).eval()
+    sd = diffusers_to_bfl(dict(ref.state_dict()))
+    return ref, sd, flux_config_from_state_dict(sd)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--double", type=int, default=1)
+    ap.add_argument("--single", type=int, default=2)
+    ap.add_argument("--text", type=int, default=512, help="text tokens (T5 sequence length)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--decode-size", type=int, default=1024)
+    ap.add_argument("--skip-decode", action="store_true")
+    a = ap.parse_args()
+    torch.set_grad_enabled(False)
+
+    rt = boot(cpu=True)
+    import comfy.sample
+    import comfy.samplers
+
+    from comfyui_dc_gen.dcgen_core.embedding import AlignedEmbedding
+    from comfyui_dc_gen.dcgen_core.flux import apply_aligned_embedding, build_comfy_flux
+
+    ref, sd, cfg = build_models(a.double, a.single)
+    base = build_comfy_flux(sd, cfg, "fp32", source="benchmark FLUX")
+    g = torch.Generator().manual_seed(1)
+    emb = AlignedEmbedding(0.02 * torch.randn(HIDDEN, 32, generator=g), torch.zeros(HIDDEN),
+                           0.02 * torch.randn(32, HIDDEN, generator=g), torch.zeros(32), "benchmark embedding")
+    dcgen = apply_aligned_embedding(base, emb)
+    cond = [[torch.randn(1, a.text, CONTEXT, generator=g), {"pooled_output": torch.randn(1, POOLED, generator=g),
+                                                           "guidance": 3.5}]]
+    size, f = a.size, 32
+    base_latent = torch.zeros(1, 16, size // 8, size // 8)
+    dc_latent = torch.zeros(1, 32, size // f, size // f)
+
+    def sample(model, latent, steps):
+        noise = comfy.sample.prepare_noise(latent, 0)
+        return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent,
+                                   disable_pbar=True, seed=0)
+
+    print(f"FLUX hidden {HIDDEN}, {a.double} double + {a.single} single blocks, fp32, CPU "
+          f"({torch.get_num_threads()} threads); {size}x{size}; text length {a.text} tokens")
+    base_tokens, dc_tokens = (size // 16) ** 2, (size // f) ** 2
+    t_base = timed(lambda: sample(base, base_latent, a.steps), a.repeats) / a.steps
+    t_dc = timed(lambda: sample(dcgen, dc_latent, a.steps), a.repeats) / a.steps
+    flop_ratio = flux_step_flops(base_tokens, a.text, a.double, a.single, 64) / \
+        flux_step_flops(dc_tokens, a.text, a.double, a.single, 32)
+    speedup = t_base / t_dc
+    print(f"[speed]    base FLUX   {base_tokens:5d} image tokens  {t_base * 1000:9.1f} ms/step")
+    print(f"[speed]    DC-Gen f32  {dc_tokens:5d} image tokens  {t_dc * 1000:9.1f} ms/step")
+    print(f"[speed]    speedup {speedup:.2f}x vs FLOP ratio {flop_ratio:.2f}x -> {100 * speedup / flop_ratio:.0f}% "
+          f"of the FLOP ratio (target >= 90%)")
+    full = flux_step_flops(base_tokens, a.text, 19, 38, 64) / flux_step_flops(dc_tokens, a.text, 19, 38, 32)
+    print(f"[speed]    (full-size FLUX, 19+38 blocks, same text length: FLOP ratio {full:.2f}x)")
+
+    # overhead: sampler path vs the bare ComfyUI FLUX forward vs diffusers
+    import torch.nn.functional as F
+
+    dm = base.model.diffusion_model
+    x = torch.randn(1, 32, size // f, size // f, generator=g)
+    ts = torch.tensor([0.7])
+    context, y = cond[0][0], cond[0][1]["pooled_output"]
+    guidance = torch.tensor([3.5])
+    from comfyui_dc_gen.dcgen_core.flux import _linear_like
+
+    bare_in = _linear_like(dm.img_in, emb.img_in_weight, emb.img_in_bias, None)
+    bare_out = _linear_like(dm.final_layer.linear, emb.out_weight, emb.out_bias, None)
+    orig_in, orig_out = dm.img_in, dm.final_layer.linear
+
+    def bare():
+        return F.pixel_unshuffle(dm(F.pixel_shuffle(x, 2), ts, context, y, guidance), 2)
+
+    dm.img_in, dm.final_layer.linear = bare_in, bare_out
+    try:
+        t_bare = timed(bare, a.repeats)
+    finally:
+        dm.img_in, dm.final_layer.linear = orig_in, orig_out
+    overhead = t_dc / t_bare - 1
+    print(f"[overhead] bare ComfyUI FLUX forward       {t_bare * 1000:9.1f} ms")
+    print(f"[overhead] our sampling path, per step     {t_dc * 1000:9.1f} ms  -> overhead {100 * overhead:+.1f}% "
+          f"(target <= 3%)")
+
+    ref_dc = ref
+    ref_dc.x_embedder = torch.nn.Linear(32, HIDDEN)
+    ref_dc.proj_out = torch.nn.Linear(HIDDEN, 32)
+    h = w = size // f
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    packed = x.permute(0, 2, 3, 1).reshape(1, h * w, 32)
+    t_diff = timed(lambda: ref_dc(hidden_states=packed, timestep=ts, guidance=guidance, pooled_projections=y,
+                                  encoder_hidden_states=context, txt_ids=torch.zeros(a.text, 3),
+                                  img_ids=ids.reshape(-1, 3), return_dict=False), a.repeats)
+    print(f"[overhead] diffusers FluxTransformer2DModel {t_diff * 1000:9.1f} ms  -> ours/diffusers "
+          f"{t_dc / t_diff:.2f}x")
+
+    if not a.skip_decode:
+        bench_decode(a.decode_size, a.repeats)
+
+
+def bench_decode(size: int, repeats: int):
+    from diffusers import AutoencoderDC
+
+    from dcgen_core.dcae import DCAE, VARIANTS
+
+    cfg = VARIANTS["dc-ae-f32c32-sana-1.1"]
+    torch.manual_seed(0)
+    theirs = AutoencoderDC(**cfg.to_diffusers_dict()).eval()
+    ours = DCAE(cfg).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    z = torch.randn(1, 32, size // 32, size // 32)
+    t_ours = timed(lambda: ours.decode(z), repeats)
+    t_theirs = timed(lambda: theirs.decode(z), repeats)
+    diff = (ours.decode(z) - theirs.decode(z).sample).abs().max().item()
+    print(f"[decode]   DC-AE f32c32 (SANA 1.1, full size) {size}x{size}: ours {t_ours * 1000:.0f} ms, "
+          f"diffusers {t_theirs * 1000:.0f} ms -> ours/diffusers {t_ours / t_theirs:.2f}x (target <= 1.0); "
+          f"max |diff| {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
