@@ -74,8 +74,30 @@ class TinyTextEncoder:
 class TinyDualCLIPLoader(comfy_nodes.DualCLIPLoader):
     """Same inputs as the core DualCLIPLoader (so shipped workflows run unchanged), tiny encoder out."""
 
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return str(TEXT_DIMS)  # the encoder's widths are set by the test, outside the graph
+
     def load_clip(self, *args, **kwargs):
         return (TinyTextEncoder(),)
 
 
 NODE_CLASS_MAPPINGS = {"TestPromptEmbeds": TestPromptEmbeds, "TestCapture": TestCapture}
+
+
+class TestLatentFromMask:
+    """A non-empty LATENT with any channel count (ComfyUI resizes all-zero latents by itself)."""
+
+    CATEGORY = "_test"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask": ("MASK",), "channels": ("INT", {"default": 16, "min": 1, "max": 512})}}
+
+    def run(self, mask, channels):
+        return ({"samples": mask.reshape(1, 1, *mask.shape[-2:]).repeat(1, channels, 1, 1) * 0.5},)
+
+
+NODE_CLASS_MAPPINGS["TestLatentFromMask"] = TestLatentFromMask

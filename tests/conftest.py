@@ -28,13 +28,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def comfyui(tmp_path_factory):
     """ComfyUI booted in-process on CPU with this pack loaded and temporary model folders."""
     if not comfyui_available():
         pytest.skip(COMFY_MISSING)
     from dcgen_core.headless import boot
 
-    root = tmp_path_factory.mktemp("comfy")
+    root = tmp_path_factory.mktemp("comfyui")
     dirs = {k: str(root / "models" / k) for k in MODEL_KINDS}
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
@@ -62,11 +62,11 @@ def tiny_vae():
 
 
 @pytest.fixture(scope="session")
-def comfy_models(comfy, tiny_dcgen, tiny_vae):
+def comfy_models(comfyui, tiny_dcgen, tiny_vae):
     """The tiny DC-Gen files in ComfyUI's model folders; returns their widget names."""
     import tiny
 
-    d = comfy.dirs
+    d = comfyui.dirs
     tiny.save_dcae_folder(tiny_vae, os.path.join(d["vae"], "dc-ae-f32c32-sana-1.1-tiny"))
     tiny_dcgen.save_dcgen_diffusers_folder(os.path.join(d["diffusion_models"], "DC-Gen-FLUX-tiny-Res1K"))
     tiny_dcgen.save_base_single_file(os.path.join(d["diffusion_models"], "flux-base-tiny.safetensors"))

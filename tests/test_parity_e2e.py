@@ -83,22 +83,22 @@ ROUTES = {"full-checkpoint": full_checkpoint_route, "embedding+lora": embedding_
     ("embedding+lora", "SamplerCustomAdvanced", (256, 320)),
     ("lora-carrying-embedding", "KSampler", (256, 256)),
 ])
-def test_comfyui_matches_diffusers_pipeline(comfy, comfy_models, tiny_dcgen, tiny_vae, route, sampler, size):
+def test_comfyui_matches_diffusers_pipeline(comfyui, comfy_models, tiny_dcgen, tiny_vae, route, sampler, size):
     width, height = size
     key = f"{route}-{sampler}"
     cond, pooled = tiny.prompt_embeddings(seed=7)
-    comfy.test_nodes.EMBEDDINGS[key] = (cond, pooled)
+    comfyui.test_nodes.EMBEDDINGS[key] = (cond, pooled)
     nodes, model_ref = ROUTES[route](comfy_models)
     prompt = _ksampler_prompt(nodes, model_ref, key, width, height, comfy_models)
     if sampler == "SamplerCustomAdvanced":
         prompt = _custom_advanced(prompt, model_ref)
-    comfy.runtime.run(prompt)
-    ours = comfy.test_nodes.CAPTURED[key]["image"]
+    comfyui.runtime.run(prompt)
+    ours = comfyui.test_nodes.CAPTURED[key]["image"]
 
     ref, ref_latents = tiny.reference_images(tiny_dcgen.dcgen, tiny_vae, width, height, SEED, STEPS, GUIDANCE,
                                              cond, pooled)
     assert ours.shape == ref.shape == (1, height, width, 3)
-    latents = comfy.test_nodes.CAPTURED[key]["latent"]["samples"]
+    latents = comfyui.test_nodes.CAPTURED[key]["latent"]["samples"]
     assert latents.shape == (1, tiny.LATENT_CHANNELS, height // 32, width // 32)
     # the image is not saturated, so the comparison is meaningful
     assert ((ref > 0.01) & (ref < 0.99)).float().mean() > 0.5

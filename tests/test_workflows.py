@@ -26,12 +26,12 @@ def _load(path):
 
 
 @pytest.mark.parametrize("path", ALL, ids=os.path.basename)
-def test_workflow_is_valid_for_the_editor(comfy, path):
+def test_workflow_is_valid_for_the_editor(comfyui, path):
     """Node types exist, links connect matching types, widget values fit the node definitions."""
     from dcgen_core.headless import workflow_to_prompt
 
     wf = _load(path)
-    classes = comfy.runtime.node_classes
+    classes = comfyui.runtime.node_classes
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert wf["last_node_id"] >= max(nodes) and wf["last_link_id"] >= max(l[0] for l in wf["links"])
     for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
@@ -67,34 +67,34 @@ def _widget(wf, type_, index):
     return next(n for n in wf["nodes"] if n["type"] == type_)["widgets_values"][index]
 
 
-def _place(comfy, kind, name, writer):
-    path = os.path.join(comfy.dirs[kind], name)
+def _place(comfyui, kind, name, writer):
+    path = os.path.join(comfyui.dirs[kind], name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     writer(path)
 
 
-def _text_encoder_files(comfy, wf):
+def _text_encoder_files(comfyui, wf):
     for i in (0, 1):
-        _place(comfy, "text_encoders", _widget(wf, "DualCLIPLoader", i),
+        _place(comfyui, "text_encoders", _widget(wf, "DualCLIPLoader", i),
                lambda p: save_file({"unused": torch.zeros(1)}, p))
 
 
-def _run(comfy, wf, overrides):
+def _run(comfyui, wf, overrides):
     from dcgen_core.headless import workflow_to_prompt
 
-    classes = dict(comfy.runtime.node_classes)
-    classes["DualCLIPLoader"] = comfy.test_nodes.TinyDualCLIPLoader
-    saved = comfy.runtime.node_classes["DualCLIPLoader"]
-    comfy.runtime.node_classes["DualCLIPLoader"] = comfy.test_nodes.TinyDualCLIPLoader
+    classes = dict(comfyui.runtime.node_classes)
+    classes["DualCLIPLoader"] = comfyui.test_nodes.TinyDualCLIPLoader
+    saved = comfyui.runtime.node_classes["DualCLIPLoader"]
+    comfyui.runtime.node_classes["DualCLIPLoader"] = comfyui.test_nodes.TinyDualCLIPLoader
     try:
         prompt = workflow_to_prompt(wf, classes)
         for node_id, node in prompt.items():
             for (type_, name), value in overrides.items():
                 if node["class_type"] == type_:
                     node["inputs"][name] = value
-        return comfy.runtime.run(prompt)
+        return comfyui.runtime.run(prompt)
     finally:
-        comfy.runtime.node_classes["DualCLIPLoader"] = saved
+        comfyui.runtime.node_classes["DualCLIPLoader"] = saved
 
 
 def _saved_images(outputs):
@@ -103,17 +103,17 @@ def _saved_images(outputs):
     return images
 
 
-def test_full_checkpoint_workflow_runs_headless(comfy, tiny_dcgen, tiny_vae):
+def test_full_checkpoint_workflow_runs_headless(comfyui, tiny_dcgen, tiny_vae):
     from PIL import Image
 
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-1k-t2i.json"))
-    _place(comfy, "vae", _widget(wf, "DCGenDCAELoader", 0), lambda p: tiny.save_dcae_folder(tiny_vae, p))
-    _place(comfy, "diffusion_models", _widget(wf, "DCGenModelLoader", 0), tiny_dcgen.save_dcgen_diffusers_folder)
-    _text_encoder_files(comfy, wf)
-    comfy.test_nodes.TEXT_DIMS = (tiny.TEXT_DIM, tiny.POOLED_DIM)
-    outputs = _run(comfy, wf, {("KSampler", "steps"): 4})  # 1024x1024 as shipped
+    _place(comfyui, "vae", _widget(wf, "DCGenDCAELoader", 0), lambda p: tiny.save_dcae_folder(tiny_vae, p))
+    _place(comfyui, "diffusion_models", _widget(wf, "DCGenModelLoader", 0), tiny_dcgen.save_dcgen_diffusers_folder)
+    _text_encoder_files(comfyui, wf)
+    comfyui.test_nodes.TEXT_DIMS = (tiny.TEXT_DIM, tiny.POOLED_DIM)
+    outputs = _run(comfyui, wf, {("KSampler", "steps"): 4})  # 1024x1024 as shipped
     (img,) = _saved_images(outputs)
-    with Image.open(os.path.join(comfy.output, img.get("subfolder", ""), img["filename"])) as im:
+    with Image.open(os.path.join(comfyui.output, img.get("subfolder", ""), img["filename"])) as im:
         assert im.size == (1024, 1024)
         assert len(set(im.convert("L").getdata())) > 16  # an image, not a constant
 
@@ -131,7 +131,7 @@ def _full_width_base_flux(seed=0):
     return model.eval()
 
 
-def test_base_lora_workflow_runs_headless_with_core_unet_loader(comfy, tmp_path):
+def test_base_lora_workflow_runs_headless_with_core_unet_loader(comfyui, tmp_path):
     """Route 2 as users run it: core Load Diffusion Model (full-width FLUX) + embedding + LoRA."""
     from diffusers import FluxTransformer2DModel  # noqa: F401
 
@@ -139,26 +139,26 @@ def test_base_lora_workflow_runs_headless_with_core_unet_loader(comfy, tmp_path)
 
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-1k-from-base-lora.json"))
     vae = tiny.tiny_dcae(seed=5)
-    _place(comfy, "vae", _widget(wf, "DCGenDCAELoader", 0), lambda p: tiny.save_dcae_folder(vae, p))
+    _place(comfyui, "vae", _widget(wf, "DCGenDCAELoader", 0), lambda p: tiny.save_dcae_folder(vae, p))
     base = _full_width_base_flux()
     sd = diffusers_to_bfl({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
-    _place(comfy, "diffusion_models", _widget(wf, "UNETLoader", 0), lambda p: save_file(sd, p))
+    _place(comfyui, "diffusion_models", _widget(wf, "UNETLoader", 0), lambda p: save_file(sd, p))
     g = torch.Generator().manual_seed(1)
     emb = {"x_embedder.weight": 0.05 * torch.randn(3072, 32, generator=g), "x_embedder.bias": torch.zeros(3072),
            "proj_out.weight": 0.05 * torch.randn(32, 3072, generator=g), "proj_out.bias": torch.zeros(32)}
-    _place(comfy, "dcgen_embeddings", _widget(wf, "DCGenApplyAlignedEmbedding", 0), lambda p: save_file(emb, p))
+    _place(comfyui, "dcgen_embeddings", _widget(wf, "DCGenApplyAlignedEmbedding", 0), lambda p: save_file(emb, p))
     lora = {}
     for m, (rows, cols) in {"transformer_blocks.0.attn.to_q": (3072, 3072),
                             "single_transformer_blocks.0.proj_mlp": (12288, 3072)}.items():
         lora[f"transformer.{m}.lora_A.weight"] = 0.01 * torch.randn(8, cols, generator=g)
         lora[f"transformer.{m}.lora_B.weight"] = 0.01 * torch.randn(rows, 8, generator=g)
-    _place(comfy, "loras", _widget(wf, "DCGenLoraLoader", 0), lambda p: save_file(lora, p))
-    _text_encoder_files(comfy, wf)
-    comfy.test_nodes.TEXT_DIMS = (4096, 768)
-    outputs = _run(comfy, wf, {("KSampler", "steps"): 2, ("DCGenEmptyLatent", "width"): 256,
+    _place(comfyui, "loras", _widget(wf, "DCGenLoraLoader", 0), lambda p: save_file(lora, p))
+    _text_encoder_files(comfyui, wf)
+    comfyui.test_nodes.TEXT_DIMS = (4096, 768)
+    outputs = _run(comfyui, wf, {("KSampler", "steps"): 2, ("DCGenEmptyLatent", "width"): 256,
                                ("DCGenEmptyLatent", "height"): 192})
     (img,) = _saved_images(outputs)
     from PIL import Image
 
-    with Image.open(os.path.join(comfy.output, img.get("subfolder", ""), img["filename"])) as im:
+    with Image.open(os.path.join(comfyui.output, img.get("subfolder", ""), img["filename"])) as im:
         assert im.size == (256, 192)
