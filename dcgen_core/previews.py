@@ -22,7 +22,7 @@ def _smooth_colour_fields(n: int, size: int, generator: torch.Generator) -> torc
 
 
 @torch.no_grad()
-def fit_latent_rgb(encode, spatial_compression: int, scaling_factor: float, images: int = 4,
+def fit_latent_rgb(encode, spatial_compression: int, scaling_factor: float, images: int = 8,
                    grid: int = 8, ridge: float = 1e-2) -> tuple[list[list[float]], list[float]]:
     """Fit (factors [C][3], bias [3]) so that rgb ~= scaled_latent @ factors + bias.
 
