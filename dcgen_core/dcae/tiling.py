@@ -1,0 +1,203 @@
+"""Tiled DC-AE encode/decode with linear feather blending, and activation-memory estimates.
+
+Blending: neighbouring tiles overlap by ``overlap`` units. Inside each overlap
+the outer quarter next to a tile's edge gets weight 0 (zero padding makes those
+pixels differ from an untiled pass), the middle half is a linear ramp, so the
+two weights always sum to 1. For conv-only decoders (DC-AE-Lite, DC-AE-1.5)
+the result equals the untiled decode once a quarter of the overlap covers the
+decoder's receptive field; decoders with global linear attention (SANA,
+in/mix) always change somewhat under tiling, and the feathering hides seams.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import DCAEConfig
+
+DEFAULT_TILE_LATENT = 32
+DEFAULT_OVERLAP_FRACTION = 0.25  # overlap = tile * this, when not given
+_TILE_CANDIDATES = (128, 96, 64, 48, 32, 24, 16, 12, 8)
+_MEMORY_HEADROOM = 0.8
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Evenly spaced starts covering ``size`` with at least ``overlap`` between neighbours."""
+    if size <= tile:
+        return [0]
+    count = -(-(size - overlap) // (tile - overlap))  # ceil
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def _edge_ramp(n: int, device) -> torch.Tensor:
+    """Weights for the n positions nearest a shared tile edge, edge first."""
+    margin = n // 4
+    p = torch.arange(n, device=device, dtype=torch.float32) + 0.5
+    return ((p - margin) / max(n - 2 * margin, 1)).clamp(0, 1)
+
+
+def _axis_weights(starts: list[int], index: int, tile: int, scale: int, device) -> torch.Tensor:
+    w = torch.ones(tile * scale, device=device)
+    s = starts[index]
+    if index > 0:
+        n = (starts[index - 1] + tile - s) * scale
+        w[:n] = _edge_ramp(n, device)
+    if index < len(starts) - 1:
+        n = (s + tile - starts[index + 1]) * scale
+        if n > 0:
+            w[-n:] = torch.minimum(w[-n:], _edge_ramp(n, device).flip(0))
+    return w
+
+
+def _blend(
+    in_hw: tuple[int, int], tile: int, overlap: int, scale: int, out_channels: int, batch: int,
+    run_tile: Callable[[int, int, int, int], torch.Tensor], device, dtype,
+) -> torch.Tensor:
+    """Run ``run_tile(y0, x0, th, tw)`` over an overlapping grid (input units) and feather the outputs (x scale)."""
+    if tile < 1 or not 0 <= overlap <= tile // 2:
+        raise ValueError(f"tiling: expected tile >= 1 and 0 <= overlap <= tile/2, found tile={tile}, overlap={overlap}")
+    h, w = in_hw
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = _tile_starts(h, th, overlap), _tile_starts(w, tw, overlap)
+    out = torch.zeros(batch, out_channels, h * scale, w * scale, device=device, dtype=torch.float32)
+    weight_sum = torch.zeros(h * scale, w * scale, device=device, dtype=torch.float32)
+    for i, y0 in enumerate(ys):
+        wy = _axis_weights(ys, i, th, scale, device)
+        for j, x0 in enumerate(xs):
+            weight = wy[:, None] * _axis_weights(xs, j, tw, scale, device)[None, :]
+            tile_out = run_tile(y0, x0, th, tw).float()
+            rows = slice(y0 * scale, (y0 + th) * scale)
+            cols = slice(x0 * scale, (x0 + tw) * scale)
+            out[:, :, rows, cols] += tile_out * weight
+            weight_sum[rows, cols] += weight
+    return (out / weight_sum).to(dtype)
+
+
+def _usable_bytes(device: torch.device) -> int | None:
+    """Memory a CUDA device can still give (free + PyTorch's reusable cache); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int((free + cached) * _MEMORY_HEADROOM)
+
+
+def _pick_tile(estimate: Callable[[int], int], budget: int | None, default: int) -> int:
+    if budget is None:
+        return default
+    for tile in _TILE_CANDIDATES:
+        if estimate(tile) <= budget:
+            return tile
+    return _TILE_CANDIDATES[-1]
+
+
+def decode_tiled(
+    dcae, z: torch.Tensor, tile_latent: int | None = None, overlap_latent: int | None = None
+) -> torch.Tensor:
+    """Decode a latent in overlapping tiles of ``tile_latent`` latent pixels.
+
+    ``tile_latent=None`` picks the largest tile whose estimated activation memory
+    fits the CUDA device (32 elsewhere); ``overlap_latent=None`` uses a quarter of it.
+    """
+    cfg: DCAEConfig = dcae.config
+    b, _, h, w = z.shape
+    if tile_latent is None:
+        tile_latent = _pick_tile(
+            lambda t: estimate_decode_bytes(cfg, (b, cfg.latent_channels, t, t), z.dtype),
+            _usable_bytes(z.device), DEFAULT_TILE_LATENT,
+        )
+    if overlap_latent is None:
+        overlap_latent = max(1, round(tile_latent * DEFAULT_OVERLAP_FRACTION))
+    return _blend(
+        (h, w), tile_latent, overlap_latent, cfg.spatial_compression, cfg.in_channels, b,
+        lambda y0, x0, th, tw: dcae.decoder(z[:, :, y0:y0 + th, x0:x0 + tw]), z.device, z.dtype,
+    )
+
+
+def encode_tiled(dcae, x: torch.Tensor, tile_px: int | None = None, overlap_px: int | None = None) -> torch.Tensor:
+    """Encode an image in overlapping tiles; sizes are rounded down to multiples of the compression f.
+
+    ``tile_px=None`` picks the largest tile that fits the CUDA device (32*f elsewhere);
+    ``overlap_px=None`` uses a quarter of it. Latents are feathered in latent space.
+    """
+    cfg: DCAEConfig = dcae.config
+    f = cfg.spatial_compression
+    b, c, height, width = x.shape
+    if tile_px is None:
+        tile = _pick_tile(
+            lambda t: estimate_encode_bytes(cfg, (b, c, t * f, t * f), x.dtype),
+            _usable_bytes(x.device), DEFAULT_TILE_LATENT,
+        )
+    else:
+        tile = max(1, tile_px // f)
+    overlap = max(1, round(tile * DEFAULT_OVERLAP_FRACTION)) if overlap_px is None else overlap_px // f
+    return _blend(
+        (height // f, width // f), tile, overlap, 1, cfg.latent_channels, b,
+        lambda y0, x0, th, tw: dcae.encoder(x[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f]), x.device, x.dtype,
+    )
+
+
+# Rough peak live tensors per block, in units of (channels x pixels) of that stage,
+# counted for inference without autograd (intermediates are freed as soon as replaced).
+_RESBLOCK_FACTOR = 4
+_EFFICIENTVIT_FACTOR = 18  # GLUMBConv expands to 8x channels and holds two such tensors
+_SAMPLER_FACTOR = 3
+_HEAD_FACTOR = 3
+
+
+def _stage_peak(block_types, layers, widths, pixels_at, in_channels) -> int:
+    peak = 0
+    for i, (kind, depth, width) in enumerate(zip(block_types, layers, widths)):
+        if depth == 0:
+            continue
+        factor = _EFFICIENTVIT_FACTOR if kind == "EfficientViTBlock" else _RESBLOCK_FACTOR
+        peak = max(peak, factor * width * pixels_at(i))
+        if i + 1 < len(widths):  # resampling between stage i and i+1 works at stage i's resolution
+            peak = max(peak, (widths[i + 1] + _SAMPLER_FACTOR * width) * pixels_at(i))
+    head_width = widths[0] if layers[0] > 0 else widths[1]
+    head_pixels = pixels_at(0) if layers[0] > 0 else pixels_at(1)
+    return max(peak, _HEAD_FACTOR * head_width * head_pixels + 2 * in_channels * pixels_at(-1))
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def estimate_decode_bytes(config: DCAEConfig, latent_shape, dtype: torch.dtype = torch.float32) -> int:
+    """Rough peak activation bytes of an untiled decode of ``latent_shape`` (B, C, h, w); weights excluded."""
+    batch = latent_shape[0] if len(latent_shape) == 4 else 1
+    h, w = latent_shape[-2:]
+    n = config.num_stages
+
+    def pixels_at(stage: int) -> int:  # stage i runs at latent size * 2**(n-1-i); -1 means the output image
+        return h * w * 4 ** (n - 1 if stage == -1 else n - 1 - stage)
+
+    peak = _stage_peak(config.decoder_block_types, config.decoder_layers_per_block,
+                       config.decoder_block_out_channels, pixels_at, config.in_channels)
+    return int(peak * batch * _element_size(dtype))
+
+
+def estimate_encode_bytes(config: DCAEConfig, image_shape, dtype: torch.dtype = torch.float32) -> int:
+    """Rough peak activation bytes of an untiled encode of ``image_shape`` (B, C, H, W); weights excluded."""
+    batch = image_shape[0] if len(image_shape) == 4 else 1
+    height, width = image_shape[-2:]
+
+    def pixels_at(stage: int) -> int:
+        return height * width if stage == -1 else height * width // 4 ** stage
+
+    peak = _stage_peak(config.encoder_block_types, config.encoder_layers_per_block,
+                       config.encoder_block_out_channels, pixels_at, config.in_channels)
+    return int(peak * batch * _element_size(dtype))
+
+
+def should_tile_decode(config: DCAEConfig, latent_shape, dtype: torch.dtype, device: torch.device) -> bool:
+    """Tile only on CUDA and only when the untiled estimate exceeds what the device can give."""
+    budget = _usable_bytes(torch.device(device))
+    return budget is not None and estimate_decode_bytes(config, latent_shape, dtype) > budget
+
+
+def should_tile_encode(config: DCAEConfig, image_shape, dtype: torch.dtype, device: torch.device) -> bool:
+    budget = _usable_bytes(torch.device(device))
+    return budget is not None and estimate_encode_bytes(config, image_shape, dtype) > budget
