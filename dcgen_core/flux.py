@@ -159,11 +159,31 @@ def _follow_latent_size(executor, noise, latent_image, sampler, sigmas, *args, *
     configured = getattr(sampling, "time_shift", None)
     if info is not None:
         check_latent_channels(latent_image, info["latent_channels"])
+        reject_controlnets(getattr(guider, "conds", {}) or {})
     if info is not None and info.get("fixed_resolution") is None and configured is not None and noise.ndim == 4:
         actual = official_shift(noise.shape[-2], noise.shape[-1], info["latent_channels"], configured.rule)
         if actual != configured:
             sigmas = retarget_sigmas(sigmas, configured, actual)
     return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+
+def reject_controlnets(conds: dict):
+    """FLUX ControlNets cannot drive a DC-Gen model; say so before anything runs.
+
+    A FLUX ControlNet embeds FLUX's own 16-channel latent at 1/8 scale in 2x2 patches and returns one
+    residual per FLUX token; a DC-Gen model samples DC-AE latents (C channels at 1/32 or 1/64), so both the
+    ControlNet's input and the token grid of its residuals are those of another latent space.
+    """
+    for cond_list in conds.values():
+        for cond in cond_list or []:
+            control = cond.get("control") if isinstance(cond, dict) else None
+            if control is not None:
+                raise DCGenError(
+                    f"ControlNet: expected no ControlNet on a DC-Gen model, found {type(control).__name__}. FLUX "
+                    "ControlNets read FLUX's 16-channel latent at 1/8 scale in 2x2 patches and add residuals per "
+                    "FLUX token; DC-Gen samples DC-AE latents with 4x-16x fewer tokens, so neither fits. Apply the "
+                    "ControlNet to the base FLUX model instead (e.g. refine a DC-Gen draft: "
+                    "workflows/dcgen-flux-controlnet-chain.json).")
 
 
 def check_latent_channels(latent: "torch.Tensor", latent_channels: int, subject: str = "LATENT"):
@@ -174,12 +194,17 @@ def check_latent_channels(latent: "torch.Tensor", latent_channels: int, subject:
             f"Latent Image, or VAE Encode with the DC-AE VAE the model was trained with.")
 
 
+def require_dcgen(model, subject: str = "model") -> dict:
+    info = dcgen_info(model) if hasattr(model, "model_options") else None
+    if info is None:
+        raise DCGenError(f"{subject}: expected a DC-Gen model (from Load DC-Gen Diffusion Model or Apply DC-Gen "
+                         f"Aligned Embedding), found a plain {type(getattr(model, 'model', model)).__name__}.")
+    return info
+
+
 def set_time_shift(model, width: int, height: int):
     """Clone ``model`` with the official DC-Gen shift fixed to a width x height image."""
-    info = dcgen_info(model)
-    if info is None:
-        raise DCGenError("model: expected a DC-Gen model (from Load DC-Gen Diffusion Model or the aligned-embedding "
-                         "patcher), found a plain model.")
+    info = require_dcgen(model)
     shift = _shift_for_image(info["latent_channels"], width, height)
     m = model.clone()
     m.add_object_patch("model_sampling", comfy_model_sampling(shift))

@@ -15,6 +15,7 @@ from tiny import POOLED_DIM, TEXT_DIM, TEXT_TOKENS
 
 EMBEDDINGS = {}
 CAPTURED = {}
+IMAGES = {}
 TEXT_DIMS = (TEXT_DIM, POOLED_DIM)  # (context, pooled) widths the tiny encoder produces
 
 
@@ -100,4 +101,18 @@ class TestLatentFromMask:
         return ({"samples": mask.reshape(1, 1, *mask.shape[-2:]).repeat(1, channels, 1, 1) * 0.5},)
 
 
+class TestImage:
+    CATEGORY = "_test"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "image"})}}
+
+    def run(self, key):
+        return (IMAGES[key].clone(),)
+
+
 NODE_CLASS_MAPPINGS["TestLatentFromMask"] = TestLatentFromMask
+NODE_CLASS_MAPPINGS["TestImage"] = TestImage

@@ -79,7 +79,9 @@ def test_latent_previews_show_the_image(comfyui, comfy_models):
         comfy.utils.PROGRESS_BAR_HOOK, args.preview_method = saved_hook, saved_method
     assert previews and previews[0] is not None
     image = previews[0][1]
-    preview = torch.tensor(list(image.getdata()), dtype=torch.float32).reshape(image.size[1], image.size[0], 3)
+    import numpy as np
+
+    preview = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.float32))
     target = F.adaptive_avg_pool2d(pixels.permute(0, 3, 1, 2), preview.shape[:2])[0].permute(1, 2, 0)
     for c in range(3):
         p, t = preview[..., c].flatten(), target[..., c].flatten()

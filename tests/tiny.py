@@ -40,6 +40,24 @@ DCAE_CONFIG = dict(
     decoder_act_fns="silu", scaling_factor=SCALING,
 )
 
+def dcae15_config() -> dict:
+    """A DC-AE-1.5 f64c128 (7 stages, conv-only) at tiny widths, flags from the variant table."""
+    from dcgen_core.dcae import VARIANTS
+
+    cfg = VARIANTS["dc-ae-1.5-f64c128"].to_diffusers_dict()
+    widths = [8, 16, 32, 32, 64, 64, 64]
+    cfg.update(encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+               encoder_layers_per_block=[1] * 7, decoder_layers_per_block=[1] * 7)
+    return cfg
+
+
+def tiny_dcae15(seed: int = 2, scale: float = 0.07):
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    return _randomize(AutoencoderDC(**dcae15_config()).eval(), seed, scale=scale)
+
+
 LORA_TARGETS_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                        "ff_context.net.2")
@@ -78,9 +96,10 @@ def lora_modules(num_layers: int, num_single_layers: int) -> list[str]:
 class TinyDCGen:
     """Base FLUX (16 ch, 2x2 patches) + LoRA + aligned embedding, and the merged DC-Gen transformer."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, latent_channels: int = LATENT_CHANNELS):
         from diffusers import FluxTransformer2DModel
 
+        self.latent_channels = latent_channels
         base_cfg = dict(FLUX_CONFIG, patch_size=1, in_channels=64, out_channels=64)
         torch.manual_seed(seed)
         self.base = _randomize(FluxTransformer2DModel(**base_cfg).eval(), seed)
@@ -88,10 +107,10 @@ class TinyDCGen:
         g = torch.Generator().manual_seed(seed + 100)
         hidden = FLUX_CONFIG["num_attention_heads"] * FLUX_CONFIG["attention_head_dim"]
         self.embedding = {
-            "x_embedder.weight": 0.2 * torch.randn(hidden, LATENT_CHANNELS, generator=g),
+            "x_embedder.weight": 0.2 * torch.randn(hidden, latent_channels, generator=g),
             "x_embedder.bias": 0.05 * torch.randn(hidden, generator=g),
-            "proj_out.weight": 0.2 * torch.randn(LATENT_CHANNELS, hidden, generator=g),
-            "proj_out.bias": 0.05 * torch.randn(LATENT_CHANNELS, generator=g),
+            "proj_out.weight": 0.2 * torch.randn(latent_channels, hidden, generator=g),
+            "proj_out.bias": 0.05 * torch.randn(latent_channels, generator=g),
         }
         base_sd = self.base.state_dict()
         self.lora = {}  # diffusers layout: transformer.<module>.lora_A/B.weight
@@ -104,7 +123,8 @@ class TinyDCGen:
             up, down = self.lora[f"transformer.{m}.lora_B.weight"], self.lora[f"transformer.{m}.lora_A.weight"]
             merged[f"{m}.weight"] += (LORA_ALPHA / LORA_RANK) * up @ down
         merged.update(self.embedding)
-        self.dcgen = FluxTransformer2DModel(**FLUX_CONFIG).eval()
+        self.dcgen = FluxTransformer2DModel(**dict(FLUX_CONFIG, in_channels=latent_channels,
+                                                  out_channels=latent_channels)).eval()
         self.dcgen.load_state_dict(merged, strict=True)
 
     # --- files ---------------------------------------------------------------
@@ -157,28 +177,39 @@ def official_shift_value(h: int, w: int, c: int) -> tuple[str, float]:
 
 @torch.no_grad()
 def reference_images(transformer, vae, width: int, height: int, seed: int, steps: int, guidance: float,
-                     cond: torch.Tensor, pooled: torch.Tensor, scaling: float = SCALING, batch: int = 1):
-    """The authors' pipeline on diffusers modules; returns (images [B, H, W, 3] in [0, 1], final latents)."""
+                     cond: torch.Tensor, pooled: torch.Tensor, scaling: float | None = None, batch: int = 1,
+                     init_latents: torch.Tensor | None = None, denoise: float = 1.0):
+    """The authors' pipeline on diffusers modules; returns (images [B, H, W, 3] in [0, 1], final latents).
+
+    img2img (``init_latents`` in model space, ``denoise`` < 1): the last ``steps`` of a schedule of
+    steps / denoise, starting from sigma * noise + (1 - sigma) * init.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    scaling = vae.config.scaling_factor if scaling is None else scaling
     c = transformer.config.in_channels
     f = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
     h, w = height // f, width // f
     rule, value = official_shift_value(h, w, c)
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    base = torch.linspace(1.0, 1.0 / total, total).numpy()
     if rule == "linear":
         scheduler = FlowMatchEulerDiscreteScheduler(shift=value, use_dynamic_shifting=False)
-        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).numpy())
+        scheduler.set_timesteps(sigmas=base)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
-        scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).numpy(), mu=value)
-    latents = torch.randn((batch, c, h, w), generator=torch.manual_seed(seed))  # as ComfyUI's prepare_noise
+        scheduler.set_timesteps(sigmas=base, mu=value)
+    noise = torch.randn((batch, c, h, w), generator=torch.manual_seed(seed))  # as ComfyUI's prepare_noise
+    timesteps = scheduler.timesteps[total - steps:]
+    scheduler.set_begin_index(total - steps)
+    latents = noise if init_latents is None else scheduler.scale_noise(init_latents, timesteps[:1], noise)
     packed = latents.permute(0, 2, 3, 1).reshape(batch, h * w, c)
     ids = torch.zeros(h, w, 3)
     ids[..., 1] = torch.arange(h)[:, None]
     ids[..., 2] = torch.arange(w)[None, :]
     img_ids = ids.reshape(h * w, 3)
     txt_ids = torch.zeros(cond.shape[1], 3)
-    for t in scheduler.timesteps:
+    for t in timesteps:
         v = transformer(hidden_states=packed, timestep=(t / 1000).expand(batch), guidance=torch.full((batch,), guidance),
                         pooled_projections=pooled.expand(batch, -1), encoder_hidden_states=cond.expand(batch, -1, -1),
                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
