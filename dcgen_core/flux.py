@@ -151,19 +151,19 @@ def _shift_for_image(latent_channels: int, width: int, height: int) -> TimeShift
     return official_shift(height // f, width // f, latent_channels)
 
 
-def _follow_latent_size(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-    """Re-target the schedule to the latent actually sampled (the official shift depends on its size)."""
+def _dcgen_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """Before sampling a DC-Gen model: reject latents of another model and ControlNets, and re-target
+    the schedule to the latent actually sampled (the official shift depends on its size)."""
     guider = executor.class_obj
     info = guider.model_options.get("dcgen")
-    sampling = guider.model_patcher.get_model_object("model_sampling")
-    configured = getattr(sampling, "time_shift", None)
     if info is not None:
         check_latent_channels(latent_image, info["latent_channels"])
         reject_controlnets(getattr(guider, "conds", {}) or {})
-    if info is not None and info.get("fixed_resolution") is None and configured is not None and noise.ndim == 4:
-        actual = official_shift(noise.shape[-2], noise.shape[-1], info["latent_channels"], configured.rule)
-        if actual != configured:
-            sigmas = retarget_sigmas(sigmas, configured, actual)
+        configured = getattr(guider.model_patcher.get_model_object("model_sampling"), "time_shift", None)
+        if info.get("fixed_resolution") is None and configured is not None and noise.ndim == 4:
+            actual = official_shift(noise.shape[-2], noise.shape[-1], info["latent_channels"], configured.rule)
+            if actual != configured:
+                sigmas = retarget_sigmas(sigmas, configured, actual)
     return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
 
@@ -232,7 +232,7 @@ def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_mo
         m.add_object_patch("model_sampling", sampling)
         m.add_object_patch("memory_usage_factor", memory_factor)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _dcae_tokens_wrapper)
-    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _follow_latent_size)
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _dcgen_outer_sample)
     m.model_options["dcgen"] = {
         "latent_channels": latent_channels,
         "spatial_compression": SPATIAL_COMPRESSION[latent_channels],

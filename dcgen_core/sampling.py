@@ -58,9 +58,8 @@ def sample(model, positive, width: int, height: int, steps: int, guidance: float
         samples = latent["samples"]
         check_latent_channels(samples, info["latent_channels"])
         width, height = samples.shape[-1] * f, samples.shape[-2] * f
-        check_size_for_model(info, width, height)
-    else:
-        check_size_for_model(info, width, height)
+    check_size_for_model(info, width, height)
+    if latent is None:
         import comfy.model_management as mm
 
         latent = {"samples": torch.zeros(1, info["latent_channels"], height // f, width // f,

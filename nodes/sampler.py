@@ -1,8 +1,7 @@
 """The DC-Gen sampler node (text-to-image and img2img up to 4096x4096)."""
 
 from ..dcgen_core.sampling import SIZE_PRESETS, resolve_size, sample
-
-MAX_RESOLUTION = 16384
+from .latent import MAX_RESOLUTION
 
 
 class DCGenSampler:

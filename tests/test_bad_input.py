@@ -90,8 +90,6 @@ def test_kl_vae_file_into_the_dcae_loader(comfyui):
 
 
 def test_embedding_whose_channels_do_not_match(comfyui, loaded, tiny_dcgen):
-    from dcgen_core.dcae import VARIANTS  # noqa: F401  (the VAE under test is a 32-channel DC-AE)
-
     vae, base, _ = loaded
     g = torch.Generator().manual_seed(0)
     hidden = base.model.diffusion_model.hidden_size

@@ -81,8 +81,6 @@ def test_img2img_matches_the_pipeline(comfyui, models_4k):
 
 
 def test_bad_requests(comfyui, models_4k, comfy_models):
-    from dcgen_core.errors import DCGenError  # noqa: F401  (errors come from the pack's copy)
-
     err = comfyui.core.errors.DCGenError
     nodes = comfyui.runtime.node_classes
     _, _, vae15, model4k = models_4k

@@ -1,5 +1,7 @@
 """Load DC-AE VAE gives a core VAE: VAEEncode, VAEDecode, VAEDecodeTiled, latent previews."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,8 +58,6 @@ def test_latent_previews_show_the_image(comfyui, comfy_models):
     import comfy.utils
     import latent_preview
     from comfy.cli_args import LatentPreviewMethod, args
-
-    import os
 
     nodes = comfyui.runtime.node_classes
     tiny.save_dcae_folder(tiny.tiny_dcae(seed=4, scale=0.01), os.path.join(comfyui.dirs["vae"], "near-linear-dcae"))

@@ -122,10 +122,8 @@ def test_full_checkpoint_workflow_runs_headless(comfyui, tiny_dcgen, tiny_vae):
 
 
 def _full_width_base_flux(seed=0):
-    """A FLUX.1 with the real width (3072, context 4096, pooled 768) but 1 double + 1 single block, BFL keys."""
+    """A FLUX.1 with the real width (3072, context 4096, pooled 768) but 1 double + 1 single block (diffusers)."""
     from diffusers import FluxTransformer2DModel
-
-    from dcgen_core.flux_keys import diffusers_to_bfl
 
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1,
@@ -136,8 +134,6 @@ def _full_width_base_flux(seed=0):
 
 def test_base_lora_workflow_runs_headless_with_core_unet_loader(comfyui, tmp_path):
     """Route 2 as users run it: core Load Diffusion Model (full-width FLUX) + embedding + LoRA."""
-    from diffusers import FluxTransformer2DModel  # noqa: F401
-
     from dcgen_core.flux_keys import diffusers_to_bfl
 
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-1k-from-base-lora.json"))
