@@ -21,65 +21,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (
+    CONTEXT,
+    HIDDEN,
+    POOLED,
+    build_models,
+    flux_step_flops,
+    timed,
+    timed_pair,
+)
 
 from dcgen_core.headless import boot  # noqa: E402
-
-HIDDEN, HEADS, CONTEXT, POOLED, MLP = 3072, 24, 4096, 768, 4.0
-
-
-def flux_step_flops(img_tokens: int, txt_tokens: int, double: int, single: int, channels: int) -> float:
-    """FLOPs of one FLUX forward over the tokens: linears (qkv, proj, MLP, embedders) + attention."""
-    h, m = HIDDEN, int(HIDDEN * MLP)
-    n = img_tokens + txt_tokens
-    linear = double * (img_tokens + txt_tokens) * (4 * h * h + 2 * h * m)
-    linear += single * n * (h * (3 * h + m) + (h + m) * h)
-    linear += img_tokens * 2 * h * channels + txt_tokens * CONTEXT * h
-    attention = (double + single) * 2 * n * n * h  # QK^T and AV
-    return 2.0 * (linear + attention)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def timed_pair(first, second, repeats: int) -> tuple[float, float]:
-    """Best-of-N times of two functions measured alternately, so neither pays for running first."""
-    first(), second()
-    a, b = [], []
-    for _ in range(repeats):
-        for fn, out in ((first, a), (second, b)):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-    return min(a), min(b)
-
-
-def build_models(double: int, single: int):
-    from diffusers import FluxTransformer2DModel
-
-    from dcgen_core.flux_keys import diffusers_to_bfl, flux_config_from_state_dict
-
-    torch.manual_seed(0)
-    ref = FluxTransformer2DModel(patch_size=1, in_channels=64, out_channels=64, num_layers=double,
-                                 num_single_layers=single, attention_head_dim=HIDDEN // HEADS,
-                                 num_attention_heads=HEADS, joint_attention_dim=CONTEXT,
-                                 pooled_projection_dim=POOLED, guidance_embeds=True,
-                                 axes_dims_rope=(16, 56, 56)).eval()
-    sd = diffusers_to_bfl(dict(ref.state_dict()))
-    return ref, sd, flux_config_from_state_dict(sd)
 
 
 def main():
@@ -189,6 +147,7 @@ def main():
         bench_decode(a.decode_size, max(a.repeats, 3))
 
 
+@torch.inference_mode()  # as ComfyUI runs a VAE
 def bench_decode(size: int, repeats: int):
     from diffusers import AutoencoderDC
 

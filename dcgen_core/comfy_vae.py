@@ -15,6 +15,15 @@ import torch
 
 from . import previews
 from .dcae import DCAE, estimate_decode_bytes, estimate_encode_bytes, load_dcae
+from .dcae.tiling import (
+    decode_tiled,
+    encode_tiled,
+    pick_decode_tile,
+    pick_encode_tile,
+    should_tile_decode,
+    should_tile_encode,
+    tile_count,
+)
 from .errors import DCGenError
 
 
@@ -112,3 +121,128 @@ def empty_dcae_latent(vae, width: int, height: int, batch_size: int = 1) -> torc
     f = cfg.spatial_compression
     check_resolution(width, height, f, subject=f"Empty DC-AE Latent ({cfg.variant}, f={f})")
     return torch.zeros(batch_size, cfg.latent_channels, height // f, width // f, device=mm.intermediate_device())
+
+
+# --- DC-AE Decode / Encode (Tiled) -------------------------------------------------------------------------------
+
+TILE_MODES = ("auto", "always", "never")
+
+
+def _tile_units(cfg, tile_size: int, overlap: int, subject: str) -> tuple[int | None, int]:
+    """Pixel tile size and overlap -> latent units (tile None = automatic), checked against the DC-AE's f."""
+    f = cfg.spatial_compression
+    where = f"{subject} ({cfg.variant}, f={f})"
+    if tile_size < 0 or tile_size % f:
+        raise DCGenError(
+            f"{where}: expected tile_size 0 (automatic) or a multiple of {f} pixels (one latent pixel per {f}x{f} "
+            f"image pixels), found {tile_size}. Nearest: {max(f, round(tile_size / f) * f)}.")
+    if overlap < 0 or overlap % f:
+        raise DCGenError(
+            f"{where}: expected an overlap that is a multiple of {f} pixels (0 allowed), found {overlap}. "
+            f"Nearest: {max(0, round(overlap / f) * f)}.")
+    if tile_size == 0:
+        return None, overlap // f
+    tile, ov = tile_size // f, overlap // f
+    if ov > tile // 2:
+        raise DCGenError(
+            f"{where}: expected an overlap of at most half the tile ({tile // 2 * f} pixels for tile_size "
+            f"{tile_size}), found {overlap}.")
+    return tile, ov
+
+
+def _run_dcae(vae, x: torch.Tensor, encode: bool, mode: str, tile_size: int, overlap: int, subject: str):
+    """Encode (x: pixels (B, 3, H, W) in [-1, 1]) or decode (x: latent) on the VAE's device, tiled per ``mode``.
+
+    Returns the raw output (B, C, ., .) as float32 on the VAE's output device.
+    """
+    import comfy.model_management as mm
+    import comfy.utils
+
+    cfg = require_dcae(vae, subject=f"{subject}: vae")
+    if mode not in TILE_MODES:
+        raise DCGenError(f"{subject}: expected mode one of {', '.join(TILE_MODES)}, found {mode!r}.")
+    tile, ov = _tile_units(cfg, tile_size, overlap, subject)
+    f = cfg.spatial_compression
+    dcae = vae.first_stage_model.dcae
+    dtype, device = vae.vae_dtype, vae.device
+    estimate = estimate_encode_bytes if encode else estimate_decode_bytes
+    item_shape = (1, *x.shape[1:])
+    per_item = max(1, estimate(cfg, item_shape, dtype))
+    memory = per_item  # as core VAE.decode/encode: room for one untiled batch item
+    if mode == "always" and tile is not None:
+        tile_shape = (1, x.shape[1], tile * f, tile * f) if encode else (1, x.shape[1], tile, tile)
+        memory = min(per_item, max(1, estimate(cfg, tile_shape, dtype)))
+    mm.load_models_gpu([vae.patcher], memory_required=memory, force_full_load=getattr(vae, "disable_offload", False))
+
+    should_tile = should_tile_encode if encode else should_tile_decode
+    tiled = mode == "always" or (mode == "auto" and should_tile(cfg, item_shape, dtype, device))
+    batch = x.shape[0]
+    grid = (x.shape[-2] // f, x.shape[-1] // f) if encode else tuple(x.shape[-2:])
+    if tiled:
+        if tile is None:
+            pick = pick_encode_tile if encode else pick_decode_tile
+            tile = pick(cfg, item_shape, dtype, device)
+            ov = min(ov, tile // 4)
+        chunk = 1
+        total = batch * tile_count(grid, tile, ov)
+    else:
+        chunk = max(1, int(mm.get_free_memory(device) / per_item))
+        total = -(-batch // chunk)
+    pbar = comfy.utils.ProgressBar(total)
+
+    def step(*_):
+        pbar.update(1)
+        mm.throw_exception_if_processing_interrupted()  # Cancel stops between tiles
+
+    out = None
+    for start in range(0, batch, chunk):
+        part = x[start:start + chunk].to(dtype).to(device)
+        if not tiled:
+            y = dcae.encoder(part) if encode else dcae.decoder(part)
+            step()
+        elif encode:
+            y = encode_tiled(dcae, part, tile * f, ov * f, progress=step)
+        else:
+            y = decode_tiled(dcae, part, tile, ov, progress=step)
+        y = y.to(vae.output_device).float()
+        if out is None:
+            out = torch.empty((batch, *y.shape[1:]), device=vae.output_device)
+        out[start:start + y.shape[0]] = y
+    return out
+
+
+def dcae_decode(vae, samples: torch.Tensor, mode: str = "auto", tile_size: int = 0, overlap: int = 512,
+                subject: str = "DC-AE Decode (Tiled)") -> torch.Tensor:
+    """A DC-AE LATENT (B, C, h, w) -> ComfyUI IMAGE (B, h*f, w*f, 3) in [0, 1], as core VAE Decode does.
+
+    ``mode``: ``auto`` tiles only when the untiled decode would not fit the device memory, ``always`` tiles,
+    ``never`` does not. ``tile_size``/``overlap`` are image pixels, multiples of f (tile 0: the largest tile that
+    fits the device, with the overlap limited to a quarter of it).
+    """
+    cfg = require_dcae(vae, subject=f"{subject}: vae")
+    if samples.ndim != 4 or samples.shape[1] != cfg.latent_channels:
+        raise DCGenError(
+            f"{subject}: expected a latent (batch, {cfg.latent_channels}, h, w) of the {cfg.variant} DC-AE, found "
+            f"shape {tuple(samples.shape)}.")
+    out = _run_dcae(vae, samples, False, mode, tile_size, overlap, subject)
+    return vae.process_output(out).movedim(1, -1)
+
+
+def dcae_encode(vae, pixels: torch.Tensor, mode: str = "auto", tile_size: int = 0, overlap: int = 512,
+                subject: str = "DC-AE Encode (Tiled)") -> torch.Tensor:
+    """A ComfyUI IMAGE (B, H, W, C) in [0, 1], H and W multiples of f -> raw DC-AE latent (B, C, H/f, W/f).
+
+    Same conversion as core VAE Encode (x * 2 - 1; RGB only), but sizes off the latent grid are an error,
+    not cropped. ``mode``, ``tile_size``, ``overlap`` as in ``dcae_decode``.
+    """
+    cfg = require_dcae(vae, subject=f"{subject}: vae")
+    f = cfg.spatial_compression
+    if pixels.ndim != 4 or pixels.shape[-1] < 3:
+        raise DCGenError(f"{subject}: expected an IMAGE (batch, height, width, 3), found shape {tuple(pixels.shape)}.")
+    height, width = pixels.shape[1], pixels.shape[2]
+    try:
+        check_resolution(width, height, f, subject=f"{subject} ({cfg.variant}, f={f}): image size")
+    except DCGenError as e:
+        raise DCGenError(f"{e} Crop or scale the image to that size first (e.g. ImageCrop or Upscale Image).") from None
+    x = vae.process_input(pixels[..., :3].movedim(-1, 1))
+    return _run_dcae(vae, x, True, mode, tile_size, overlap, subject)

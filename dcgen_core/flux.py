@@ -212,6 +212,10 @@ def set_time_shift(model, width: int, height: int):
     return m
 
 
+def _no_concat_cond(**kwargs):
+    return None
+
+
 def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_model: bool):
     """Latent format, time shift and token wrappers. ``own_model``: the BaseModel is ours (fresh from a loader)."""
     import comfy.patcher_extension as pe
@@ -231,6 +235,9 @@ def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_mo
         m.add_object_patch("latent_format", fmt)
         m.add_object_patch("model_sampling", sampling)
         m.add_object_patch("memory_usage_factor", memory_factor)
+    # ComfyUI's FLUX reads img_in's width as C/4 input channels; C/4 above the base's 16 output channels would
+    # make it concatenate a (Fill/Kontext-style) conditioning image to the latent. DC-Gen has none.
+    m.add_object_patch("concat_cond", _no_concat_cond)
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _dcae_tokens_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _dcgen_outer_sample)
     m.model_options["dcgen"] = {

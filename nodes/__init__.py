@@ -3,8 +3,9 @@
 from .latent import LATENT_NODES
 from .loaders import LOADER_NODES
 from .sampler import SAMPLER_NODES
+from .vae import VAE_NODES
 
-_NODES = {**LOADER_NODES, **LATENT_NODES, **SAMPLER_NODES}
+_NODES = {**LOADER_NODES, **LATENT_NODES, **SAMPLER_NODES, **VAE_NODES}
 
 NODE_CLASS_MAPPINGS = {name: cls for name, (cls, _) in _NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {name: display for name, (_, display) in _NODES.items()}

@@ -82,3 +82,36 @@ def comfy_models(comfyui, tiny_dcgen, tiny_vae):
         lora_with_embedding="dcgen-flux-tiny-lora+embedding.safetensors",
     )
 
+
+# Full-width FLUX files for the core loaders (see tiny.py), written once per session; tests link them into the
+# model folders under the names they need (tiny.link_or_copy).
+def _saved_once(tmp_path_factory, name, build):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path_factory.mktemp("full-width") / name)
+    save_file(build(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flux_full_width_file(tmp_path_factory):
+    """FLUX.1 transformer, real width, 1 double + 1 single block, BFL keys, bf16 (~1.1 GB)."""
+    import tiny
+
+    return _saved_once(tmp_path_factory, "flux1-full-width.safetensors", tiny.full_width_flux_bfl)
+
+
+@pytest.fixture(scope="session")
+def flux_controlnet_file(tmp_path_factory):
+    """diffusers FluxControlNetModel, real width, 1 double block, bf16 (~0.8 GB)."""
+    import tiny
+
+    return _saved_once(tmp_path_factory, "flux-controlnet-full-width.safetensors", tiny.full_width_flux_controlnet)
+
+
+@pytest.fixture(scope="session")
+def flux_vae_file(tmp_path_factory):
+    """FLUX VAE (diffusers AutoencoderKL keys, 16 channels), bf16 (~170 MB)."""
+    import tiny
+
+    return _saved_once(tmp_path_factory, "flux-vae.safetensors", tiny.flux_vae)

@@ -1,29 +1,21 @@
 """FLUX ControlNet + DC-Gen: a FLUX ControlNet applied with the core nodes to a DC-Gen model stops with a clear
 error when sampling starts (before anything runs), and the incoming model is unchanged.
 
-The ControlNet is a real diffusers FluxControlNetModel of full FLUX width (ComfyUI's FLUX detection assumes it),
-with one double block, loaded by the core ControlNetLoader."""
+The ControlNet is a diffusers FluxControlNetModel of full FLUX width (ComfyUI's FLUX detection assumes it) with one
+double block and random weights (tiny.full_width_flux_controlnet), loaded by the core ControlNetLoader."""
 
 import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import tiny
 
 
 @pytest.fixture(scope="module")
-def controlnet_name(comfyui):
-    from diffusers import FluxControlNetModel
-
-    torch.manual_seed(0)
-    cn = FluxControlNetModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=0, attention_head_dim=128,
-                             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                             guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+def controlnet_name(comfyui, flux_controlnet_file):
     name = "flux-controlnet-depth1.safetensors"
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in cn.state_dict().items()},
-              os.path.join(comfyui.dirs["controlnet"], name))
+    tiny.link_or_copy(flux_controlnet_file, os.path.join(comfyui.dirs["controlnet"], name))
     return name
 
 

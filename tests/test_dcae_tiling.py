@@ -132,4 +132,20 @@ def test_memory_estimates():
     v15 = VARIANTS["dc-ae-1.5-f64c128"]
     assert 10e9 < estimate_decode_bytes(v15, (1, 128, 64, 64), torch.float32) < 45e9
     assert 10e9 < estimate_encode_bytes(v15, (1, 3, 4096, 4096), torch.float32) < 60e9
-    assert not should_tile_decode(sana, (1, 32, 128, 128), torch.float32, torch.device("cpu"))
+    assert not should_tile_decode(sana, (1, 32, 16, 16), torch.float32, torch.device("cpu"))
+
+
+def test_auto_tiling_follows_the_free_memory_of_the_device(monkeypatch):
+    """On CPU the budget is the available RAM: a 4096^2 SANA decode tiles with 8 GB free, not with 64 GB."""
+    from dcgen_core.dcae import tiling
+
+    sana = VARIANTS["dc-ae-f32c32-sana-1.1"]
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tiling, "_available_ram", lambda: 8 * 2**30)
+    assert should_tile_decode(sana, (1, 32, 128, 128), torch.float32, cpu)
+    assert tiling.pick_decode_tile(sana, (1, 32, 128, 128), torch.float32, cpu) < 128
+    monkeypatch.setattr(tiling, "_available_ram", lambda: 64 * 2**30)
+    assert not should_tile_decode(sana, (1, 32, 128, 128), torch.float32, cpu)
+    monkeypatch.setattr(tiling, "_available_ram", lambda: None)
+    assert not should_tile_decode(sana, (1, 32, 128, 128), torch.float32, cpu)
+    assert tiling.pick_decode_tile(sana, (1, 32, 128, 128), torch.float32, cpu) == tiling.DEFAULT_TILE_LATENT

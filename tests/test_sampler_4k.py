@@ -21,14 +21,34 @@ def models_4k(comfyui):
     nodes = comfyui.runtime.node_classes
     comfy_vae = nodes["DCGenDCAELoader"]().load("dc-ae-1.5-f64c128-tiny", "auto")[0]
     model = nodes["DCGenModelLoader"]().load("DC-Gen-FLUX-tiny-Res4K", "default", vae=comfy_vae)[0]
+    base = os.path.join(comfyui.dirs["diffusion_models"], "flux-tiny-base-for-4k.safetensors")
+    dcgen.save_base_single_file(base)
+    dcgen.save_embedding(os.path.join(comfyui.dirs["dcgen_embeddings"], "dcgen-tiny-4k-embedding.safetensors"))
+    dcgen.save_lora(os.path.join(comfyui.dirs["loras"], "dcgen-tiny-4k-lora.safetensors"))
     return dcgen, vae, comfy_vae, model
 
 
-def _prompt(key, size, width, height, denoise=1.0, latent=None):
+def _full_checkpoint():
+    return {"model": {"class_type": "DCGenModelLoader", "inputs": {"unet_name": "DC-Gen-FLUX-tiny-Res4K",
+                                                                   "weight_dtype": "default", "vae": ["vae", 0]}}}
+
+
+def _base_embedding_lora():
+    """Base 16-channel FLUX + 128-channel aligned embedding + LoRA: the merge is the Res4K model's weights."""
+    return {
+        "base": {"class_type": "DCGenModelLoader", "inputs": {"unet_name": "flux-tiny-base-for-4k.safetensors",
+                                                              "weight_dtype": "default"}},
+        "embed": {"class_type": "DCGenApplyAlignedEmbedding", "inputs": {
+            "model": ["base", 0], "embedding_name": "dcgen-tiny-4k-embedding.safetensors", "vae": ["vae", 0]}},
+        "model": {"class_type": "DCGenLoraLoader", "inputs": {
+            "model": ["embed", 0], "lora_name": "dcgen-tiny-4k-lora.safetensors", "strength_model": 1.0}},
+    }
+
+
+def _prompt(key, size, width, height, denoise=1.0, latent=None, route=_full_checkpoint):
     p = {
         "vae": {"class_type": "DCGenDCAELoader", "inputs": {"vae_name": "dc-ae-1.5-f64c128-tiny", "variant": "auto"}},
-        "model": {"class_type": "DCGenModelLoader", "inputs": {"unet_name": "DC-Gen-FLUX-tiny-Res4K",
-                                                               "weight_dtype": "default", "vae": ["vae", 0]}},
+        **route(),
         "text": {"class_type": "TestPromptEmbeds", "inputs": {"key": key}},
         "sample": {"class_type": "DCGenSampler", "inputs": {
             "model": ["model", 0], "positive": ["text", 0], "size": size, "width": width, "height": height,
@@ -43,11 +63,12 @@ def _prompt(key, size, width, height, denoise=1.0, latent=None):
     return p
 
 
-def test_text_to_image_matches_the_4k_pipeline(comfyui, models_4k):
+@pytest.mark.parametrize("route", [_full_checkpoint, _base_embedding_lora], ids=["full-checkpoint", "embedding+lora"])
+def test_text_to_image_matches_the_4k_pipeline(comfyui, models_4k, route):
     dcgen, vae, _, _ = models_4k
     cond, pooled = tiny.prompt_embeddings(seed=21)
     comfyui.test_nodes.EMBEDDINGS["4k-t2i"] = (cond, pooled)
-    comfyui.runtime.run(_prompt("4k-t2i", "custom (width x height)", 512, 384))
+    comfyui.runtime.run(_prompt("4k-t2i", "custom (width x height)", 512, 384, route=route))
     ours = comfyui.test_nodes.CAPTURED["4k-t2i"]
     ref, ref_latents = tiny.reference_images(dcgen.dcgen, vae, 512, 384, SEED, STEPS, GUIDANCE, cond, pooled)
     assert ours["latent"]["samples"].shape == (1, 128, 6, 8)

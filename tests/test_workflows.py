@@ -3,12 +3,16 @@
 The files each workflow names are written into ComfyUI's model folders under
 exactly those names, so the JSON runs unchanged; only FLUX's text encoders are
 replaced by a tiny deterministic encoder (the core DualCLIPLoader's widgets are
-kept), and sizes/steps are reduced where a full-width FLUX would be slow on CPU.
+kept), and sizes/steps are reduced so that each runs in seconds on a CPU.
+Core FLUX parts (Load Diffusion Model, ControlNet, VAE) are full width but one
+block deep, since ComfyUI's detection assumes FLUX's real widths.
 """
 
+import functools
 import glob
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ ALL = sorted(glob.glob(os.path.join(WORKFLOWS, "*.json")))
 # combo widgets that list model files: their values name files users download
 FILE_WIDGETS = {"vae_name", "unet_name", "lora_name", "embedding_name", "clip_name1", "clip_name2",
                 "control_net_name", "model_name"}
+CUSTOM = "custom (width x height)"  # the DC-Gen Sampler's size preset that reads width/height
 
 
 def _load(path):
@@ -65,32 +70,58 @@ def test_workflow_is_valid_for_the_editor(comfyui, path):
                 assert value in kind, (node["class_type"], name, value)
 
 
+def _widgets(wf, type_, index):
+    """The widget value at ``index`` of every ``type_`` node, in node order."""
+    return [n["widgets_values"][index] for n in wf["nodes"] if n["type"] == type_]
+
+
 def _widget(wf, type_, index):
-    return next(n for n in wf["nodes"] if n["type"] == type_)["widgets_values"][index]
+    return _widgets(wf, type_, index)[0]
 
 
 def _place(comfyui, kind, name, writer):
+    """Write a model file or diffusers folder under a widget's name. An earlier test's copy is removed first, never
+    rewritten in place: a model loaded from it may still memory-map it."""
     path = os.path.join(comfyui.dirs[kind], name)
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     writer(path)
 
 
-def _text_encoder_files(comfyui, wf):
+def _linked(src):
+    return functools.partial(tiny.link_or_copy, src)
+
+
+def _place_dcgen(comfyui, transformer_name, vae_name, dcgen, vae):
+    """A tiny DC-Gen transformer (diffusers folder) and its tiny DC-AE under the names a workflow gives them."""
+    _place(comfyui, "diffusion_models", transformer_name, dcgen.save_dcgen_diffusers_folder)
+    _place(comfyui, "vae", vae_name, lambda p: tiny.save_dcae_folder(vae, p))
+
+
+def _text_encoders(comfyui, wf, dims):
+    """Placeholder files for the DualCLIPLoader's widgets; the tiny encoder replacing it gives (context, pooled) dims."""
     for i in (0, 1):
         _place(comfyui, "text_encoders", _widget(wf, "DualCLIPLoader", i),
                lambda p: save_file({"unused": torch.zeros(1)}, p))
+    comfyui.test_nodes.TEXT_DIMS = dims
 
 
 def _run(comfyui, wf, overrides):
+    """Execute the workflow; ``overrides`` set inputs of every node of a class: {(class_type, input_name): value}."""
     from dcgen_core.headless import workflow_to_prompt
 
     classes = dict(comfyui.runtime.node_classes)
     classes["DualCLIPLoader"] = comfyui.test_nodes.TinyDualCLIPLoader
     saved = comfyui.runtime.node_classes["DualCLIPLoader"]
     comfyui.runtime.node_classes["DualCLIPLoader"] = comfyui.test_nodes.TinyDualCLIPLoader
+    # Tests write different weights under the same names; ComfyUI caches node outputs by inputs, not file contents.
+    comfyui.runtime.executor.reset()
     try:
         prompt = workflow_to_prompt(wf, classes)
-        for node_id, node in prompt.items():
+        for node in prompt.values():
             for (type_, name), value in overrides.items():
                 if node["class_type"] == type_:
                     node["inputs"][name] = value
@@ -99,49 +130,34 @@ def _run(comfyui, wf, overrides):
         comfyui.runtime.node_classes["DualCLIPLoader"] = saved
 
 
-def _saved_images(outputs):
+def _assert_saved_image(comfyui, outputs, size):
+    """The one image the workflow saved: its (width, height) is ``size`` and it is not a constant."""
+    from PIL import Image
+
     images = [img for out in outputs.values() for img in out.get("images", [])]
-    assert images, outputs
-    return images
+    assert len(images) == 1, outputs
+    (img,) = images
+    with Image.open(os.path.join(comfyui.output, img.get("subfolder", ""), img["filename"])) as im:
+        assert im.size == size
+        low, high = im.convert("L").getextrema()
+        assert high - low > 16, (low, high)  # an image, not a constant
 
 
 def test_full_checkpoint_workflow_runs_headless(comfyui, tiny_dcgen, tiny_vae):
-    from PIL import Image
-
+    """Route 1 (1K): the DC-Gen diffusers folder + DC-AE through core KSampler/VAEDecode, at the shipped 1024x1024."""
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-1k-t2i.json"))
-    _place(comfyui, "vae", _widget(wf, "DCGenDCAELoader", 0), lambda p: tiny.save_dcae_folder(tiny_vae, p))
-    _place(comfyui, "diffusion_models", _widget(wf, "DCGenModelLoader", 0), tiny_dcgen.save_dcgen_diffusers_folder)
-    _text_encoder_files(comfyui, wf)
-    comfyui.test_nodes.TEXT_DIMS = (tiny.TEXT_DIM, tiny.POOLED_DIM)
+    _place_dcgen(comfyui, _widget(wf, "DCGenModelLoader", 0), _widget(wf, "DCGenDCAELoader", 0), tiny_dcgen, tiny_vae)
+    _text_encoders(comfyui, wf, (tiny.TEXT_DIM, tiny.POOLED_DIM))
     outputs = _run(comfyui, wf, {("KSampler", "steps"): 4})  # 1024x1024 as shipped
-    (img,) = _saved_images(outputs)
-    with Image.open(os.path.join(comfyui.output, img.get("subfolder", ""), img["filename"])) as im:
-        assert im.size == (1024, 1024)
-        low, high = im.convert("L").getextrema()
-        assert high - low > 16  # an image, not a constant
+    _assert_saved_image(comfyui, outputs, (1024, 1024))
 
 
-def _full_width_base_flux(seed=0):
-    """A FLUX.1 with the real width (3072, context 4096, pooled 768) but 1 double + 1 single block (diffusers)."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                   pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-    return model.eval()
-
-
-def test_base_lora_workflow_runs_headless_with_core_unet_loader(comfyui, tmp_path):
+def test_base_lora_workflow_runs_headless_with_core_unet_loader(comfyui, flux_full_width_file):
     """Route 2 as users run it: core Load Diffusion Model (full-width FLUX) + embedding + LoRA."""
-    from dcgen_core.flux_keys import diffusers_to_bfl
-
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-1k-from-base-lora.json"))
     vae = tiny.tiny_dcae(seed=5)
     _place(comfyui, "vae", _widget(wf, "DCGenDCAELoader", 0), lambda p: tiny.save_dcae_folder(vae, p))
-    base = _full_width_base_flux()
-    sd = diffusers_to_bfl({k: v.to(torch.bfloat16) for k, v in base.state_dict().items()})
-    _place(comfyui, "diffusion_models", _widget(wf, "UNETLoader", 0), lambda p: save_file(sd, p))
+    _place(comfyui, "diffusion_models", _widget(wf, "UNETLoader", 0), _linked(flux_full_width_file))
     g = torch.Generator().manual_seed(1)
     emb = {"x_embedder.weight": 0.05 * torch.randn(3072, 32, generator=g), "x_embedder.bias": torch.zeros(3072),
            "proj_out.weight": 0.05 * torch.randn(32, 3072, generator=g), "proj_out.bias": torch.zeros(32)}
@@ -152,12 +168,62 @@ def test_base_lora_workflow_runs_headless_with_core_unet_loader(comfyui, tmp_pat
         lora[f"transformer.{m}.lora_A.weight"] = 0.01 * torch.randn(8, cols, generator=g)
         lora[f"transformer.{m}.lora_B.weight"] = 0.01 * torch.randn(rows, 8, generator=g)
     _place(comfyui, "loras", _widget(wf, "DCGenLoraLoader", 0), lambda p: save_file(lora, p))
-    _text_encoder_files(comfyui, wf)
-    comfyui.test_nodes.TEXT_DIMS = (4096, 768)
+    _text_encoders(comfyui, wf, tiny.FULL_TEXT_DIMS)
     outputs = _run(comfyui, wf, {("KSampler", "steps"): 2, ("DCGenEmptyLatent", "width"): 256,
-                               ("DCGenEmptyLatent", "height"): 192})
-    (img,) = _saved_images(outputs)
-    from PIL import Image
+                                 ("DCGenEmptyLatent", "height"): 192})
+    _assert_saved_image(comfyui, outputs, (256, 192))
 
-    with Image.open(os.path.join(comfyui.output, img.get("subfolder", ""), img["filename"])) as im:
-        assert im.size == (256, 192)
+
+@pytest.fixture(scope="module")
+def dcgen_4k():
+    """A tiny DC-Gen f64c128 transformer and its tiny DC-AE-1.5 f64c128 (the Res4K pair)."""
+    return tiny.TinyDCGen(seed=3, latent_channels=128), tiny.tiny_dcae15()
+
+
+def test_4k_workflow_runs_headless(comfyui, dcgen_4k):
+    """4K text-to-image: Res4K transformer folder + DC-AE-1.5 through the DC-Gen Sampler (4K), decoded by it."""
+    wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-4k-t2i.json"))
+    _place_dcgen(comfyui, _widget(wf, "DCGenModelLoader", 0), _widget(wf, "DCGenDCAELoader", 0), *dcgen_4k)
+    _text_encoders(comfyui, wf, (tiny.TEXT_DIM, tiny.POOLED_DIM))
+    outputs = _run(comfyui, wf, {("DCGenSampler", "size"): CUSTOM, ("DCGenSampler", "width"): 256,
+                                 ("DCGenSampler", "height"): 192, ("DCGenSampler", "steps"): 2})
+    _assert_saved_image(comfyui, outputs, (256, 192))
+
+
+def test_upscale_refine_workflow_runs_headless(comfyui, tiny_dcgen, tiny_vae, dcgen_4k):
+    """1K draft -> core 4x model upscaler (spandrel) -> ImageScale -> DC-AE-1.5 encode -> 4K img2img refine.
+
+    The final size is the ImageScale size, not the draft's or the sampler's size widgets: the 4K refine sampled the
+    latent of the upscaled, rescaled and encoded draft."""
+    wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-1k-upscale-4k-refine.json"))
+    (transformer_1k, transformer_4k), (vae_1k, vae_4k) = (_widgets(wf, "DCGenModelLoader", 0),
+                                                          _widgets(wf, "DCGenDCAELoader", 0))
+    _place_dcgen(comfyui, transformer_1k, vae_1k, tiny_dcgen, tiny_vae)
+    _place_dcgen(comfyui, transformer_4k, vae_4k, *dcgen_4k)
+    upscaler = _widget(wf, "UpscaleModelLoader", 0)
+    _place(comfyui, "upscale_models", upscaler, lambda p: save_file(tiny.tiny_upscaler(scale=4), p))
+    assert comfyui.runtime.node_classes["UpscaleModelLoader"]().load_model(upscaler)[0].scale == 4
+    _text_encoders(comfyui, wf, (tiny.TEXT_DIM, tiny.POOLED_DIM))
+    # draft 128x64 -> upscaled 512x256 -> scaled 384x256 (a multiple of the 4K DC-AE's 64) -> refined 384x256
+    outputs = _run(comfyui, wf, {("DCGenSampler", "size"): CUSTOM, ("DCGenSampler", "width"): 128,
+                                 ("DCGenSampler", "height"): 64, ("DCGenSampler", "steps"): 2,
+                                 ("ImageScale", "width"): 384, ("ImageScale", "height"): 256})
+    _assert_saved_image(comfyui, outputs, (384, 256))
+
+
+def test_controlnet_chain_workflow_runs_headless(comfyui, tiny_vae, flux_full_width_file, flux_controlnet_file,
+                                                 flux_vae_file):
+    """A DC-Gen 1K draft -> Canny -> FLUX ControlNet (core loader, hint encoded by the core FLUX VAE) on a core
+    Load Diffusion Model FLUX -> KSampler -> VAE Decode: both latent spaces in one graph, one shared text encoder."""
+    wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-controlnet-chain.json"))
+    dcgen = tiny.TinyDCGen(seed=4, text_dims=tiny.FULL_TEXT_DIMS)  # reads the same conditioning as FLUX
+    _place_dcgen(comfyui, _widget(wf, "DCGenModelLoader", 0), _widget(wf, "DCGenDCAELoader", 0), dcgen, tiny_vae)
+    _place(comfyui, "diffusion_models", _widget(wf, "UNETLoader", 0), _linked(flux_full_width_file))
+    _place(comfyui, "controlnet", _widget(wf, "ControlNetLoader", 0), _linked(flux_controlnet_file))
+    _place(comfyui, "vae", _widget(wf, "VAELoader", 0), _linked(flux_vae_file))
+    _text_encoders(comfyui, wf, tiny.FULL_TEXT_DIMS)
+    outputs = _run(comfyui, wf, {("DCGenSampler", "size"): CUSTOM, ("DCGenSampler", "width"): 96,
+                                 ("DCGenSampler", "height"): 64, ("DCGenSampler", "steps"): 2,
+                                 ("EmptySD3LatentImage", "width"): 96, ("EmptySD3LatentImage", "height"): 64,
+                                 ("KSampler", "steps"): 2})
+    _assert_saved_image(comfyui, outputs, (96, 64))

@@ -96,11 +96,15 @@ def lora_modules(num_layers: int, num_single_layers: int) -> list[str]:
 class TinyDCGen:
     """Base FLUX (16 ch, 2x2 patches) + LoRA + aligned embedding, and the merged DC-Gen transformer."""
 
-    def __init__(self, seed: int = 0, latent_channels: int = LATENT_CHANNELS):
+    def __init__(self, seed: int = 0, latent_channels: int = LATENT_CHANNELS,
+                 text_dims: tuple[int, int] = (TEXT_DIM, POOLED_DIM)):
+        """``text_dims``: (context, pooled) widths it reads; FLUX's real (4096, 768) where a workflow shares its
+        text encoder with a full-width FLUX."""
         from diffusers import FluxTransformer2DModel
 
         self.latent_channels = latent_channels
-        base_cfg = dict(FLUX_CONFIG, patch_size=1, in_channels=64, out_channels=64)
+        config = dict(FLUX_CONFIG, joint_attention_dim=text_dims[0], pooled_projection_dim=text_dims[1])
+        base_cfg = dict(config, patch_size=1, in_channels=64, out_channels=64)
         torch.manual_seed(seed)
         self.base = _randomize(FluxTransformer2DModel(**base_cfg).eval(), seed)
         self.base_config = base_cfg
@@ -123,7 +127,7 @@ class TinyDCGen:
             up, down = self.lora[f"transformer.{m}.lora_B.weight"], self.lora[f"transformer.{m}.lora_A.weight"]
             merged[f"{m}.weight"] += (LORA_ALPHA / LORA_RANK) * up @ down
         merged.update(self.embedding)
-        self.dcgen = FluxTransformer2DModel(**dict(FLUX_CONFIG, in_channels=latent_channels,
+        self.dcgen = FluxTransformer2DModel(**dict(config, in_channels=latent_channels,
                                                   out_channels=latent_channels)).eval()
         self.dcgen.load_state_dict(merged, strict=True)
 
@@ -217,3 +221,90 @@ def reference_images(transformer, vae, width: int, height: int, seed: int, steps
     latents = packed.reshape(batch, h, w, c).permute(0, 3, 1, 2)
     image = vae.decode(latents / scaling).sample
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), latents
+
+
+# --- full-width FLUX parts for the core ComfyUI loaders --------------------------------------------------------
+# ComfyUI detects FLUX (UNETLoader, ControlNetLoader) and its VAE (VAELoader) with the real widths hard-coded, so
+# these are full width but as shallow as the loaders allow. torch's default init of ~500M parameters takes ~30 s
+# on a small CPU, so their weights come from fast_random_weights instead.
+
+FULL_FLUX = dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
+                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FULL_TEXT_DIMS = (4096, 768)  # FLUX's (T5-XXL context, CLIP-L pooled) widths
+
+
+def _meta_shapes(build) -> dict:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in build().state_dict().items()}
+
+
+def fast_random_weights(shapes: dict, seed: int = 0, dtype=torch.bfloat16) -> dict:
+    """Random weights in about a second per 200M parameters: every matrix/conv is a window of one seeded N(0, 1)
+    pool (a prime length, so that rows differ) scaled by 1/sqrt(fan_in); 1-D weights (norm scales) 1, biases 0."""
+    pool = torch.randn(1_000_003, generator=torch.Generator().manual_seed(seed))
+    out = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        if len(shape) == 1:
+            out[name] = (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=dtype)
+            continue
+        n, offset = math.prod(shape), (i * 7919) % pool.numel()
+        window = (pool / math.sqrt(math.prod(shape[1:]))).to(dtype)
+        out[name] = window.repeat(-(-(n + offset) // pool.numel()))[offset:offset + n].view(shape)
+    return out
+
+
+def full_width_flux_bfl(seed: int = 0) -> dict:
+    """A FLUX.1 transformer of the real width (3072, context 4096, pooled 768) with 1 double + 1 single block, in
+    BFL keys (as flux1-dev.safetensors) and bf16: what the core Load Diffusion Model detects as FLUX."""
+    from diffusers import FluxTransformer2DModel
+
+    from dcgen_core.flux_keys import diffusers_to_bfl
+
+    shapes = _meta_shapes(lambda: FluxTransformer2DModel(**FULL_FLUX, out_channels=64, num_layers=1,
+                                                         num_single_layers=1))
+    with torch.device("meta"):
+        bfl = diffusers_to_bfl({k: torch.empty(s) for k, s in shapes.items()})
+    return fast_random_weights({k: v.shape for k, v in bfl.items()}, seed)
+
+
+def full_width_flux_controlnet(seed: int = 0) -> dict:
+    """A diffusers FluxControlNetModel of full FLUX width with one double block (bf16 state dict): what the core
+    ControlNetLoader detects as a FLUX ControlNet."""
+    from diffusers import FluxControlNetModel
+
+    return fast_random_weights(_meta_shapes(lambda: FluxControlNetModel(**FULL_FLUX, num_layers=1,
+                                                                         num_single_layers=0)), seed)
+
+
+def flux_vae(seed: int = 0) -> dict:
+    """The FLUX VAE (diffusers AutoencoderKL, 16 latent channels, no quant convs; bf16 state dict). The core
+    VAELoader converts the diffusers keys and builds its fixed 128-wide encoder/decoder, so the width is real."""
+    from diffusers import AutoencoderKL
+
+    return fast_random_weights(_meta_shapes(lambda: AutoencoderKL(
+        latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        use_quant_conv=False, use_post_quant_conv=False)), seed)
+
+
+def tiny_upscaler(seed: int = 0, scale: int = 4) -> dict:
+    """A Real-ESRGAN Compact (SRVGGNetCompact) upscaler, 8 features and 1 body conv (f32 state dict): what the
+    core UpscaleModelLoader (spandrel) loads as a ``scale``x model like 4x-UltraSharp."""
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(seed)
+    return {k: v.contiguous() for k, v in Compact(num_feat=8, num_conv=1, upscale=scale).state_dict().items()}
+
+
+def link_or_copy(src: str, dst: str):
+    """Put ``src`` at ``dst`` (a hard link: no second copy of a large file), replacing what was there."""
+    import shutil
+
+    if os.path.lexists(dst):
+        os.remove(dst)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst

@@ -13,7 +13,17 @@ import torch.nn.functional as F
 
 from .config import DCAEConfig
 
+# Activations run channels-last (NHWC) inside the encoder and decoder: the full-resolution 3x3
+# convolutions are up to 1.5x faster that way on oneDNN (CPU) and cuDNN, and every op here keeps the
+# format. Inputs and outputs stay ordinary contiguous NCHW tensors.
+_CONV_FORMAT = torch.channels_last
+
 _ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "mish": nn.Mish}
+
+
+def _add_residual(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``y + residual``, written into the fresh ``y`` when no autograd graph is recorded (inference)."""
+    return y + residual if torch.is_grad_enabled() else y.add_(residual)
 
 
 def make_activation(name: str | None) -> nn.Module:
@@ -38,7 +48,9 @@ class ChannelRMSNorm(nn.Module):
         x = x * torch.rsqrt(variance + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        if torch.is_grad_enabled():
+            return x * self.weight[:, None, None] + self.bias[:, None, None]
+        return x.mul_(self.weight[:, None, None]).add_(self.bias[:, None, None])  # same math, no extra buffers
 
 
 def make_norm(norm_type: str, channels: int) -> nn.Module:
@@ -58,7 +70,7 @@ class ResBlock(nn.Module):
         self.norm = make_norm(norm_type, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.conv2(self.nonlinearity(self.conv1(x))))
+        return _add_residual(self.norm(self.conv2(self.nonlinearity(self.conv1(x)))), x)
 
 
 class MultiscaleProjection(nn.Module):
@@ -120,7 +132,7 @@ class LiteMLA(nn.Module):
         else:
             out = self._quadratic_attention(q, k, v)
         out = self.to_out(out.reshape(b, -1, h, w).movedim(1, -1)).movedim(-1, 1)
-        return x + self.norm_out(out)
+        return _add_residual(self.norm_out(out), x)
 
 
 class GLUMBConv(nn.Module):
@@ -139,7 +151,7 @@ class GLUMBConv(nn.Module):
         y = self.conv_depth(self.nonlinearity(self.conv_inverted(x)))
         y, gate = y.chunk(2, dim=1)
         y = self.conv_point(y * self.nonlinearity(gate))
-        return x + self.norm(y)
+        return _add_residual(self.norm(y), x)
 
 
 class EfficientViTBlock(nn.Module):
@@ -222,13 +234,13 @@ class Encoder(nn.Module):
         self.out_group_size = widths[-1] // cfg.latent_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = self.conv_in(x.contiguous(memory_format=_CONV_FORMAT))
         for stage in self.down_blocks:
             x = stage(x)
         y = self.conv_out(x)
         if self.out_shortcut:
             y = y + x.unflatten(1, (-1, self.out_group_size)).mean(dim=2)
-        return y
+        return y.contiguous()
 
 
 class Decoder(nn.Module):
@@ -260,12 +272,13 @@ class Decoder(nn.Module):
             self.conv_out = DCUpBlock2d(head_channels, cfg.in_channels, interpolate, shortcut=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.contiguous(memory_format=_CONV_FORMAT)
         x = self.conv_in(z)
         if self.in_shortcut:
             x = x + z.repeat_interleave(self.in_repeats, dim=1)
         for stage in reversed(self.up_blocks):
             x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return self.conv_out(self.conv_act(self.norm_out(x))).contiguous()
 
 
 class DCAE(nn.Module):

@@ -11,7 +11,7 @@ in/mix) always change somewhat under tiling, and the feathering hides seams.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -51,16 +51,31 @@ def _axis_weights(starts: list[int], index: int, tile: int, scale: int, device) 
     return w
 
 
+Progress = Callable[[int, int], None] | None  # called as progress(tiles_done, tiles_total) after each tile
+
+
+def _grid(in_hw: tuple[int, int], tile: int, overlap: int) -> tuple[int, int, list[int], list[int]]:
+    h, w = in_hw
+    th, tw = min(tile, h), min(tile, w)
+    return th, tw, _tile_starts(h, th, overlap), _tile_starts(w, tw, overlap)
+
+
+def tile_count(in_hw: tuple[int, int], tile: int, overlap: int) -> int:
+    """Number of tiles ``decode_tiled``/``encode_tiled`` run per batch item over a grid of ``in_hw`` latent pixels."""
+    _, _, ys, xs = _grid(in_hw, tile, overlap)
+    return len(ys) * len(xs)
+
+
 def _blend(
     in_hw: tuple[int, int], tile: int, overlap: int, scale: int, out_channels: int, batch: int,
-    run_tile: Callable[[int, int, int, int], torch.Tensor], device, dtype,
+    run_tile: Callable[[int, int, int, int], torch.Tensor], device, dtype, progress: Progress = None,
 ) -> torch.Tensor:
     """Run ``run_tile(y0, x0, th, tw)`` over an overlapping grid (input units) and feather the outputs (x scale)."""
     if tile < 1 or not 0 <= overlap <= tile // 2:
         raise ValueError(f"tiling: expected tile >= 1 and 0 <= overlap <= tile/2, found tile={tile}, overlap={overlap}")
     h, w = in_hw
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = _tile_starts(h, th, overlap), _tile_starts(w, tw, overlap)
+    th, tw, ys, xs = _grid(in_hw, tile, overlap)
+    total, done = len(ys) * len(xs), 0
     out = torch.zeros(batch, out_channels, h * scale, w * scale, device=device, dtype=torch.float32)
     weight_sum = torch.zeros(h * scale, w * scale, device=device, dtype=torch.float32)
     for i, y0 in enumerate(ys):
@@ -72,16 +87,40 @@ def _blend(
             cols = slice(x0 * scale, (x0 + tw) * scale)
             out[:, :, rows, cols] += tile_out * weight
             weight_sum[rows, cols] += weight
-    return (out / weight_sum).to(dtype)
+            del tile_out
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return out.div_(weight_sum).to(dtype)  # in place: no second full-size buffer at the end
+
+
+def _available_ram() -> int | None:
+    try:
+        import psutil  # ComfyUI depends on it
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _usable_bytes(device: torch.device) -> int | None:
-    """Memory a CUDA device can still give (free + PyTorch's reusable cache); None elsewhere."""
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int((free + cached) * _MEMORY_HEADROOM)
+    """Memory the device can still give: CUDA free + PyTorch's reusable cache, or available RAM for the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + cached) * _MEMORY_HEADROOM)
+    if device.type == "cpu":
+        available = _available_ram()
+        return None if available is None else int(available * _MEMORY_HEADROOM)
+    return None
 
 
 def _pick_tile(estimate: Callable[[int], int], budget: int | None, default: int) -> int:
@@ -93,49 +132,68 @@ def _pick_tile(estimate: Callable[[int], int], budget: int | None, default: int)
     return _TILE_CANDIDATES[-1]
 
 
+def pick_decode_tile(config: DCAEConfig, latent_shape, dtype: torch.dtype, device) -> int:
+    """Largest tile (latent pixels) whose estimated decode memory fits the device (GPU memory or RAM); 32 when unknown."""
+    b = latent_shape[0] if len(latent_shape) == 4 else 1
+    return _pick_tile(
+        lambda t: estimate_decode_bytes(config, (b, config.latent_channels, t, t), dtype),
+        _usable_bytes(torch.device(device)), DEFAULT_TILE_LATENT,
+    )
+
+
+def pick_encode_tile(config: DCAEConfig, image_shape, dtype: torch.dtype, device) -> int:
+    """Largest tile (latent pixels, i.e. tile * f image pixels) whose estimated encode memory fits; 32 when unknown."""
+    b = image_shape[0] if len(image_shape) == 4 else 1
+    c, f = image_shape[-3], config.spatial_compression
+    return _pick_tile(
+        lambda t: estimate_encode_bytes(config, (b, c, t * f, t * f), dtype),
+        _usable_bytes(torch.device(device)), DEFAULT_TILE_LATENT,
+    )
+
+
 def decode_tiled(
-    dcae, z: torch.Tensor, tile_latent: int | None = None, overlap_latent: int | None = None
+    dcae, z: torch.Tensor, tile_latent: int | None = None, overlap_latent: int | None = None,
+    progress: Progress = None,
 ) -> torch.Tensor:
     """Decode a latent in overlapping tiles of ``tile_latent`` latent pixels.
 
     ``tile_latent=None`` picks the largest tile whose estimated activation memory
-    fits the CUDA device (32 elsewhere); ``overlap_latent=None`` uses a quarter of it.
+    fits the device (32 when its memory is unknown); ``overlap_latent=None`` uses a quarter of it.
+    ``progress(done, total)`` is called after each tile.
     """
     cfg: DCAEConfig = dcae.config
     b, _, h, w = z.shape
     if tile_latent is None:
-        tile_latent = _pick_tile(
-            lambda t: estimate_decode_bytes(cfg, (b, cfg.latent_channels, t, t), z.dtype),
-            _usable_bytes(z.device), DEFAULT_TILE_LATENT,
-        )
+        tile_latent = pick_decode_tile(cfg, z.shape, z.dtype, z.device)
     if overlap_latent is None:
         overlap_latent = max(1, round(tile_latent * DEFAULT_OVERLAP_FRACTION))
     return _blend(
         (h, w), tile_latent, overlap_latent, cfg.spatial_compression, cfg.in_channels, b,
-        lambda y0, x0, th, tw: dcae.decoder(z[:, :, y0:y0 + th, x0:x0 + tw]), z.device, z.dtype,
+        lambda y0, x0, th, tw: dcae.decoder(z[:, :, y0:y0 + th, x0:x0 + tw]), z.device, z.dtype, progress,
     )
 
 
-def encode_tiled(dcae, x: torch.Tensor, tile_px: int | None = None, overlap_px: int | None = None) -> torch.Tensor:
+def encode_tiled(
+    dcae, x: torch.Tensor, tile_px: int | None = None, overlap_px: int | None = None, progress: Progress = None,
+) -> torch.Tensor:
     """Encode an image in overlapping tiles; sizes are rounded down to multiples of the compression f.
 
-    ``tile_px=None`` picks the largest tile that fits the CUDA device (32*f elsewhere);
+    ``tile_px=None`` picks the largest tile that fits the device (32*f when its memory is unknown);
     ``overlap_px=None`` uses a quarter of it. Latents are feathered in latent space.
+    ``progress(done, total)`` is called after each tile.
     """
     cfg: DCAEConfig = dcae.config
     f = cfg.spatial_compression
-    b, c, height, width = x.shape
+    b, _, height, width = x.shape
     if tile_px is None:
-        tile = _pick_tile(
-            lambda t: estimate_encode_bytes(cfg, (b, c, t * f, t * f), x.dtype),
-            _usable_bytes(x.device), DEFAULT_TILE_LATENT,
-        )
+        tile = pick_encode_tile(cfg, x.shape, x.dtype, x.device)
     else:
         tile = max(1, tile_px // f)
     overlap = max(1, round(tile * DEFAULT_OVERLAP_FRACTION)) if overlap_px is None else overlap_px // f
     return _blend(
         (height // f, width // f), tile, overlap, 1, cfg.latent_channels, b,
         lambda y0, x0, th, tw: dcae.encoder(x[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f]), x.device, x.dtype,
+        progress,
     )
 
 
@@ -193,7 +251,7 @@ def estimate_encode_bytes(config: DCAEConfig, image_shape, dtype: torch.dtype = 
 
 
 def should_tile_decode(config: DCAEConfig, latent_shape, dtype: torch.dtype, device: torch.device) -> bool:
-    """Tile only on CUDA and only when the untiled estimate exceeds what the device can give."""
+    """Tile only when the untiled estimate exceeds what the device (GPU memory, or RAM for the CPU) can give."""
     budget = _usable_bytes(torch.device(device))
     return budget is not None and estimate_decode_bytes(config, latent_shape, dtype) > budget
 
