@@ -59,12 +59,13 @@ from common import (
     timed,
 )
 
+from dcgen_core.dcae.tiling import DEFAULT_TILE_LATENT, default_overlap
 from dcgen_core.headless import boot
 
 DC_CHANNELS, DC_F = 128, 64  # DC-AE-1.5 f64c128
 BASE_CHANNELS, BASE_F, BASE_PATCH = 16, 8, 2  # FLUX VAE latent, 2x2 patches
 DCAE_VARIANT = "dc-ae-1.5-f64c128"
-TILE_LATENT = 32  # decode_tiled's default tile off CUDA (2048 px for f64); overlap: a quarter
+TILE_LATENT = DEFAULT_TILE_LATENT  # decode_tiled's tile where the free memory is unknown (2048 px for f64)
 
 
 def base_tokens(size: int) -> int:
@@ -87,8 +88,7 @@ def build_flux_pair(cfg, device, dtype, weight_dtype: str, hidden: int):
     Base: the pack's build_comfy_flux on a 64-feature (16 ch x 2x2) state dict. DC-Gen-f64: what the pack's
     load_flux_transformer does with the official Res4K transformer (128-channel embedder and head):
     build_comfy_flux, then the DC-AE latent space (latent format, official shift, token wrappers), minus
-    reading a file. (apply_aligned_embedding with a 128-channel embedding on the base model is not used:
-    ComfyUI's Flux.concat_cond then sees 32 > 16 input channels and doubles the latent.)
+    reading a file (the released Res4K checkpoint is a full transformer, so this is the route users time).
     """
     from dataclasses import replace
 
@@ -155,7 +155,8 @@ def predict(rates, parts) -> float:
 
 # --- text encoders (ComfyUI's own modules) ---------------------------------------------------------------
 
-def t5_xxl_config(layers: int) -> dict:
+def t5_xxl_config(layers: int | None = None) -> dict:
+    """ComfyUI's T5-XXL config, with ``layers`` encoder layers when given."""
     import json
 
     import comfy.text_encoders.t5
@@ -163,7 +164,8 @@ def t5_xxl_config(layers: int) -> dict:
     path = os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_config_xxl.json")
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
-    cfg["num_layers"] = layers
+    if layers is not None:
+        cfg["num_layers"] = layers
     return cfg
 
 
@@ -339,7 +341,7 @@ def bench_text(a) -> tuple[float, str]:
     clip_ids = torch.randint(0, clip_cfg["vocab_size"], (1, clip_cfg["max_position_embeddings"]), generator=g)
     t_clip = timed(partial(run_text_encoder, clip, clip_ids), max(a.repeats, 2))
     del clip
-    full_layers = t5_xxl_config(24)["num_layers"]
+    full_layers = t5_xxl_config()["num_layers"]
     t5_cfg = t5_xxl_config(a.t5_layers)
     t5 = build_text_encoder("t5", t5_cfg, "cpu", torch.float32)
     ids = torch.randint(0, t5_cfg["vocab_size"], (1, a.text), generator=g)
@@ -382,7 +384,7 @@ def bench_decode(decode_size: int, sizes: list[int], repeats: int) -> dict[int, 
     for size in sizes:
         hw = (size // DC_F, size // DC_F)
         f_full, _ = dcae_decode_flops(cfg, hw)
-        overlap = max(1, round(TILE_LATENT * 0.25))
+        overlap = default_overlap(TILE_LATENT)
         f_tiled, tiles = dcae_decode_flops(cfg, hw, TILE_LATENT, overlap)
         mem = estimate_decode_bytes(cfg, (1, DC_CHANNELS, *hw), torch.float32) / 2**30
         t_full, t_tiled = f_full * per_flop, f_tiled * per_flop

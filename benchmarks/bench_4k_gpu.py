@@ -62,7 +62,7 @@ class Dims:
         if not tiny:
             self.hidden, self.heads, self.context, self.pooled = HIDDEN, HEADS, CONTEXT, POOLED
             self.double, self.single = FULL_DOUBLE, FULL_SINGLE
-            self.t5 = b4.t5_xxl_config(24)
+            self.t5 = b4.t5_xxl_config()
             self.clip = b4.clip_l_config()
             self.tile = b4.TILE_LATENT
         else:
@@ -302,13 +302,14 @@ def bench_text(d: Dims, text: int, device, dtype, cuda: bool, repeats: int) -> f
 
 def bench_decode(d: Dims, sizes, device, dtype, cuda: bool, repeats: int) -> dict[int, tuple[float, str]]:
     from dcgen_core.dcae import decode_tiled
+    from dcgen_core.dcae.tiling import default_overlap
 
     free(cuda)
     before = allocated(cuda)
     dcae = random_dcae_decoder(d.dcae, device, dtype)
     weights = allocated(cuda) - before
     params = sum(p.numel() for p in dcae.decoder.parameters())
-    overlap = max(1, round(d.tile * 0.25))
+    overlap = default_overlap(d.tile)
     print(f"[decode]   DC-AE-1.5 f64c128 decoder ({'tiny' if d.tiny else 'full size'}, {params / 1e6:.1f} M params, "
           f"random weights, {str(dtype).replace('torch.', '')}), weights {gib(weights)}; tiled = {d.tile}x{d.tile} "
           f"latent tiles, overlap {overlap}")

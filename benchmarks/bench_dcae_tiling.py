@@ -48,7 +48,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from dcgen_core.dcae import VARIANTS, estimate_decode_bytes  # noqa: E402
-from dcgen_core.dcae.tiling import decode_tiled, tile_count  # noqa: E402
+from dcgen_core.dcae.tiling import available_ram, decode_tiled, tile_count  # noqa: E402
+
+from common import random_dcae_decoder  # noqa: E402  (this script's folder is on sys.path)
 
 VARIANT = "dc-ae-1.5-f64c128"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,36 +65,6 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def _mem_available() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise KeyError("MemAvailable")
-
-
-def build_decoder(device: torch.device, dtype: torch.dtype):
-    """The DC-AE-1.5 f64c128 decoder with random weights (N(0, 1/fan_in); norms at 1), built in place."""
-    from types import SimpleNamespace
-
-    from dcgen_core.dcae.model import Decoder
-
-    cfg = VARIANTS[VARIANT]
-    with torch.device("meta"):
-        decoder = Decoder(cfg)
-    decoder = decoder.to_empty(device=device).to(dtype).eval()
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith(("norm.weight", "norm_out.weight")):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return SimpleNamespace(config=cfg, decoder=decoder)
-
-
 class _Stop(Exception):
     pass
 
@@ -103,7 +75,7 @@ def worker(a) -> dict:
     f = VARIANTS[VARIANT].spatial_compression
     n = a.size // f
     t0 = time.perf_counter()
-    dcae = build_decoder(device, dtype)
+    dcae = random_dcae_decoder(VARIANTS[VARIANT], device, dtype)
     z = torch.randn(1, VARIANTS[VARIANT].latent_channels, n, n, generator=torch.Generator().manual_seed(1)).to(
         device, dtype)
     build_s = time.perf_counter() - t0
@@ -166,7 +138,10 @@ def worker(a) -> dict:
 def _available(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return _mem_available()
+    ram = available_ram()
+    if ram is None:
+        raise SystemExit("bench_dcae_tiling: cannot read the available RAM (no psutil, no /proc/meminfo)")
+    return ram
 
 
 def _decoder_parameters() -> int:

@@ -150,15 +150,15 @@ def _tile_units(cfg, tile_size: int, overlap: int, subject: str) -> tuple[int | 
     return tile, ov
 
 
-def _run_dcae(vae, x: torch.Tensor, encode: bool, mode: str, tile_size: int, overlap: int, subject: str):
-    """Encode (x: pixels (B, 3, H, W) in [-1, 1]) or decode (x: latent) on the VAE's device, tiled per ``mode``.
+def _run_dcae(vae, cfg, x: torch.Tensor, encode: bool, mode: str, tile_size: int, overlap: int, subject: str):
+    """Encode (x: pixels (B, 3, H, W) in [-1, 1]) or decode (x: latent) with the DC-AE VAE of config ``cfg`` on
+    its device, tiled per ``mode``.
 
     Returns the raw output (B, C, ., .) as float32 on the VAE's output device.
     """
     import comfy.model_management as mm
     import comfy.utils
 
-    cfg = require_dcae(vae, subject=f"{subject}: vae")
     if mode not in TILE_MODES:
         raise DCGenError(f"{subject}: expected mode one of {', '.join(TILE_MODES)}, found {mode!r}.")
     tile, ov = _tile_units(cfg, tile_size, overlap, subject)
@@ -224,7 +224,7 @@ def dcae_decode(vae, samples: torch.Tensor, mode: str = "auto", tile_size: int =
         raise DCGenError(
             f"{subject}: expected a latent (batch, {cfg.latent_channels}, h, w) of the {cfg.variant} DC-AE, found "
             f"shape {tuple(samples.shape)}.")
-    out = _run_dcae(vae, samples, False, mode, tile_size, overlap, subject)
+    out = _run_dcae(vae, cfg, samples, False, mode, tile_size, overlap, subject)
     return vae.process_output(out).movedim(1, -1)
 
 
@@ -245,4 +245,4 @@ def dcae_encode(vae, pixels: torch.Tensor, mode: str = "auto", tile_size: int = 
     except DCGenError as e:
         raise DCGenError(f"{e} Crop or scale the image to that size first (e.g. ImageCrop or Upscale Image).") from None
     x = vae.process_input(pixels[..., :3].movedim(-1, 1))
-    return _run_dcae(vae, x, True, mode, tile_size, overlap, subject)
+    return _run_dcae(vae, cfg, x, True, mode, tile_size, overlap, subject)

@@ -141,11 +141,11 @@ def test_auto_tiling_follows_the_free_memory_of_the_device(monkeypatch):
 
     sana = VARIANTS["dc-ae-f32c32-sana-1.1"]
     cpu = torch.device("cpu")
-    monkeypatch.setattr(tiling, "_available_ram", lambda: 8 * 2**30)
+    monkeypatch.setattr(tiling, "available_ram", lambda: 8 * 2**30)
     assert should_tile_decode(sana, (1, 32, 128, 128), torch.float32, cpu)
     assert tiling.pick_decode_tile(sana, (1, 32, 128, 128), torch.float32, cpu) < 128
-    monkeypatch.setattr(tiling, "_available_ram", lambda: 64 * 2**30)
+    monkeypatch.setattr(tiling, "available_ram", lambda: 64 * 2**30)
     assert not should_tile_decode(sana, (1, 32, 128, 128), torch.float32, cpu)
-    monkeypatch.setattr(tiling, "_available_ram", lambda: None)
+    monkeypatch.setattr(tiling, "available_ram", lambda: None)
     assert not should_tile_decode(sana, (1, 32, 128, 128), torch.float32, cpu)
     assert tiling.pick_decode_tile(sana, (1, 32, 128, 128), torch.float32, cpu) == tiling.DEFAULT_TILE_LATENT

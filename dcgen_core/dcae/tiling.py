@@ -94,7 +94,13 @@ def _blend(
     return out.div_(weight_sum).to(dtype)  # in place: no second full-size buffer at the end
 
 
-def _available_ram() -> int | None:
+def default_overlap(tile: int) -> int:
+    """The overlap (same units as ``tile``) used when none is given: a quarter of the tile, at least 1."""
+    return max(1, round(tile * DEFAULT_OVERLAP_FRACTION))
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM available to new allocations (psutil, else /proc/meminfo); None where neither tells."""
     try:
         import psutil  # ComfyUI depends on it
     except ImportError:
@@ -118,7 +124,7 @@ def _usable_bytes(device: torch.device) -> int | None:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int((free + cached) * _MEMORY_HEADROOM)
     if device.type == "cpu":
-        available = _available_ram()
+        available = available_ram()
         return None if available is None else int(available * _MEMORY_HEADROOM)
     return None
 
@@ -166,7 +172,7 @@ def decode_tiled(
     if tile_latent is None:
         tile_latent = pick_decode_tile(cfg, z.shape, z.dtype, z.device)
     if overlap_latent is None:
-        overlap_latent = max(1, round(tile_latent * DEFAULT_OVERLAP_FRACTION))
+        overlap_latent = default_overlap(tile_latent)
     return _blend(
         (h, w), tile_latent, overlap_latent, cfg.spatial_compression, cfg.in_channels, b,
         lambda y0, x0, th, tw: dcae.decoder(z[:, :, y0:y0 + th, x0:x0 + tw]), z.device, z.dtype, progress,
@@ -189,7 +195,7 @@ def encode_tiled(
         tile = pick_encode_tile(cfg, x.shape, x.dtype, x.device)
     else:
         tile = max(1, tile_px // f)
-    overlap = max(1, round(tile * DEFAULT_OVERLAP_FRACTION)) if overlap_px is None else overlap_px // f
+    overlap = default_overlap(tile) if overlap_px is None else overlap_px // f
     return _blend(
         (height // f, width // f), tile, overlap, 1, cfg.latent_channels, b,
         lambda y0, x0, th, tw: dcae.encoder(x[:, :, y0 * f:(y0 + th) * f, x0 * f:(x0 + tw) * f]), x.device, x.dtype,
