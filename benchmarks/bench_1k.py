@@ -14,7 +14,8 @@ Side by side in one run, on a reduced-depth FLUX of full width (hidden 3072,
 
     python benchmarks/bench_1k.py [--double 1 --single 2 --text 512 --steps 3 --decode-size 1024]
 
-Per-step times are marginal: (time of a 1+steps call - time of a 1-step call) / steps.
+Per-step times are marginal: (time of a 1+steps call - time of a 1-step call) / steps, the two calls
+alternated, best of --repeats rounds; forwards are timed alternately, best of --repeats.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from common import (
     POOLED,
     build_models,
     flux_step_flops,
-    timed,
+    marginal,
     timed_pair,
 )
 
@@ -82,10 +83,8 @@ def main():
 
     def per_step(model, latent):
         """Marginal time of one sampling step, and the fixed per-call setup (noise, conds, loading)."""
-        one = timed(lambda: sample(model, latent, 1), a.repeats)
-        many = timed(lambda: sample(model, latent, 1 + a.steps), a.repeats)
-        step = (many - one) / a.steps
-        return step, one - step
+        step, setup, _ = marginal(lambda n: sample(model, latent, n), a.steps, a.repeats)
+        return step, setup
 
     print(f"FLUX hidden {HIDDEN}, {a.double} double + {a.single} single blocks, fp32, CPU "
           f"({torch.get_num_threads()} threads); {size}x{size}; text length {a.text} tokens")
@@ -119,16 +118,6 @@ def main():
     def bare():
         return F.pixel_unshuffle(dm(F.pixel_shuffle(x, 2), ts, context, y, guidance), 2)
 
-    dm.img_in, dm.final_layer.linear = bare_in, bare_out
-    try:
-        t_bare = timed(bare, a.repeats)
-    finally:
-        dm.img_in, dm.final_layer.linear = orig_in, orig_out
-    overhead = t_dc / t_bare - 1
-    print(f"[overhead] bare ComfyUI FLUX forward       {t_bare * 1000:9.1f} ms")
-    print(f"[overhead] our sampling path, per step     {t_dc * 1000:9.1f} ms  -> overhead {100 * overhead:+.1f}% "
-          f"(target <= 3%); plus {setup_dc * 1000:.0f} ms once per sampling call (noise, conds, model load)")
-
     ref_dc = ref
     ref_dc.x_embedder = torch.nn.Linear(32, HIDDEN)
     ref_dc.proj_out = torch.nn.Linear(HIDDEN, 32)
@@ -137,9 +126,22 @@ def main():
     ids[..., 1] = torch.arange(h)[:, None]
     ids[..., 2] = torch.arange(w)[None, :]
     packed = x.permute(0, 2, 3, 1).reshape(1, h * w, 32)
-    t_diff = timed(lambda: ref_dc(hidden_states=packed, timestep=ts, guidance=guidance, pooled_projections=y,
-                                  encoder_hidden_states=context, txt_ids=torch.zeros(a.text, 3),
-                                  img_ids=ids.reshape(-1, 3), return_dict=False), a.repeats)
+
+    def diffusers_forward():
+        return ref_dc(hidden_states=packed, timestep=ts, guidance=guidance, pooled_projections=y,
+                      encoder_hidden_states=context, txt_ids=torch.zeros(a.text, 3), img_ids=ids.reshape(-1, 3),
+                      return_dict=False)
+
+    dm.img_in, dm.final_layer.linear = bare_in, bare_out
+    try:
+        t_bare, t_diff = timed_pair(bare, diffusers_forward, a.repeats)
+    finally:
+        dm.img_in, dm.final_layer.linear = orig_in, orig_out
+    overhead = t_dc / t_bare - 1
+    print(f"[overhead] bare ComfyUI FLUX forward       {t_bare * 1000:9.1f} ms")
+    print(f"[overhead] our sampling path, per step     {t_dc * 1000:9.1f} ms  -> overhead {100 * overhead:+.1f}% "
+          f"(target <= 3%); plus {setup_dc * 1000:.0f} ms once per sampling call (noise, conds, model load)")
+
     print(f"[overhead] diffusers FluxTransformer2DModel {t_diff * 1000:9.1f} ms  -> ours/diffusers "
           f"{t_dc / t_diff:.2f}x")
 
