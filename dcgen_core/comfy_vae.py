@@ -14,6 +14,7 @@ import logging
 import torch
 
 from . import previews
+from .comfy_compat import archive_weight_dtypes, make_model_patcher
 from .dcae import DCAE, estimate_decode_bytes, estimate_encode_bytes, load_dcae
 from .dcae.tiling import (
     decode_tiled,
@@ -49,9 +50,8 @@ class ComfyDCAE(torch.nn.Module):
         return self.dcae.decode(z, tiled=None)
 
 
-def make_comfy_vae(model: DCAE, device=None, dtype=None):
+def make_comfy_vae(model: DCAE, device=None, dtype=None, disable_dynamic: bool = False):
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.sd
 
     class DCAEVAE(comfy.sd.VAE):
@@ -78,20 +78,34 @@ def make_comfy_vae(model: DCAE, device=None, dtype=None):
             self.device = device or mm.vae_device()
             self.vae_dtype = dtype or mm.vae_dtype(self.device, self.working_dtypes)
             self.first_stage_model.to(self.vae_dtype)
+            archive_weight_dtypes(self.first_stage_model)
             self.output_device = mm.intermediate_device()
-            self.patcher = comfy.model_patcher.ModelPatcher(
-                self.first_stage_model, load_device=self.device, offload_device=mm.vae_offload_device())
+            self.patcher = make_model_patcher(self.first_stage_model, self.device, mm.vae_offload_device(),
+                                              disable_dynamic=disable_dynamic)
 
     return DCAEVAE(model)
 
 
 def load_comfy_vae(path: str, variant: str = "auto"):
-    """Load a DC-AE file/folder as a ComfyUI VAE and register its latent-preview factors."""
+    """Load a DC-AE file/folder as a ComfyUI VAE and register its latent-preview factors.
+
+    Its patcher carries ``cached_patcher_init`` as core VAE loaders' do (v0.33 rebuilds pristine copies from it).
+    """
+    vae = _load_comfy_vae(path, variant)
+    vae.patcher.cached_patcher_init = (_load_dcae_patcher, (path, variant))
+    return vae
+
+
+def _load_comfy_vae(path: str, variant: str, disable_dynamic: bool = False):
     model = load_dcae(path, variant=variant)
     cfg = model.config
     factors, bias = previews.fit_latent_rgb(model.encode, cfg.spatial_compression, cfg.scaling_factor)
     previews.register(cfg.latent_channels, factors, bias)
-    return make_comfy_vae(model)
+    return make_comfy_vae(model, disable_dynamic=disable_dynamic)
+
+
+def _load_dcae_patcher(path: str, variant: str, disable_dynamic: bool = False):
+    return _load_comfy_vae(path, variant, disable_dynamic).patcher
 
 
 def require_dcae(vae, subject: str = "vae"):

@@ -18,12 +18,14 @@ modified.
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from . import previews
 from .checkpoints import load_checkpoint
+from .comfy_compat import archive_weight_dtypes, flux_model_keys, flux_params_kwargs, make_model_patcher
 from .comfy_vae import check_resolution, require_dcae
 from .embedding import AlignedEmbedding, check_embedding_for_model
 from .errors import DCGenError
@@ -52,6 +54,8 @@ def make_latent_format(latent_channels: int, scaling_factor: float):
         def __init__(self, channels, scale):
             self.latent_channels = channels
             self.scale_factor = scale
+            # ComfyUI v0.33 resizes a core (f8) empty latent by downscale_ratio_spacial / this to the DC-AE grid
+            self.spacial_downscale_ratio = SPATIAL_COMPRESSION[channels]
 
         @property
         def latent_rgb_factors(self):
@@ -121,6 +125,59 @@ def install_preview_hook():
     latent_preview.prepare_callback = prepare_callback
 
 
+#: The spatial downscale of the empty latents core and pack nodes make, by channel count, for ComfyUI versions
+#: whose LATENTs do not say it (v0.3.64): core Empty Latent Image (4) / EmptySD3LatentImage (16) are 1/8.
+_EMPTY_LATENT_RATIO = {4: 8, 16: 8, **SPATIAL_COMPRESSION}
+
+
+def _empty_latent_on_dcae_grid(latent: torch.Tensor, ratio: int, info: dict) -> torch.Tensor:
+    """An all-zero latent made for another grid (1/ratio) as the same image size on the model's DC-AE grid."""
+    f, c = info["spatial_compression"], info["latent_channels"]
+    h, w = latent.shape[-2] * ratio, latent.shape[-1] * ratio
+    if h % f or w % f:
+        raise DCGenError(
+            f"empty LATENT: expected an image size that is a multiple of {f} (this DC-Gen model's DC-AE grid), found "
+            f"{w}x{h} from a {latent.shape[1]}-channel latent at 1/{ratio} scale. Use Empty DC-AE Latent Image with "
+            f"the DC-AE VAE, or a size like {max(f, round(w / f) * f)}x{max(f, round(h / f) * f)}.")
+    logging.info("DC-Gen: empty %d-channel latent at 1/%d scale = a %dx%d image; sampling it as a %dx%dx%d DC-AE "
+                 "latent (Empty DC-AE Latent Image makes one directly).", latent.shape[1], ratio, w, h, c, h // f, w // f)
+    return torch.zeros(latent.shape[0], c, h // f, w // f, dtype=latent.dtype, device=latent.device)
+
+
+def install_empty_latent_hook():
+    """Give DC-Gen models the image size an empty latent was made for.
+
+    Core samplers expand an all-zero latent to the model's channels but keep its grid, so a core Empty Latent
+    Image (1/8 scale) of 1024x1024 would be sampled as a 128x128 DC-AE latent: a 4096x4096 image. ComfyUI v0.33
+    resizes by ``downscale_ratio_spacial`` / the latent format's ``spacial_downscale_ratio`` (rounding a size off
+    the grid); v0.3.64 does not. For DC-Gen models this hook maps the empty latent to the DC-AE grid on either
+    version and refuses a size that is not on it; other models go to core unchanged.
+    """
+    import comfy.sample
+
+    original = comfy.sample.fix_empty_latent_channels
+    if getattr(original, "dcgen_hook", False):
+        return
+
+    def fix_empty_latent_channels(model, latent_image, *args, **kwargs):
+        info = dcgen_info(model) if hasattr(model, "model_options") else None
+        if info is not None and isinstance(latent_image, torch.Tensor) and latent_image.ndim == 4 \
+                and not getattr(latent_image, "is_nested", False) and torch.count_nonzero(latent_image) == 0:
+            args = list(args)
+            given = args[0] if args else kwargs.get("downscale_ratio_spacial")
+            ratio = given or _EMPTY_LATENT_RATIO.get(latent_image.shape[1])
+            if ratio is not None and (ratio != info["spatial_compression"]
+                                      or latent_image.shape[1] != info["latent_channels"]):
+                latent_image = _empty_latent_on_dcae_grid(latent_image, int(ratio), info)
+            if args:
+                args[0] = None  # resized here; core must not resize again
+            kwargs.pop("downscale_ratio_spacial", None)
+        return original(model, latent_image, *args, **kwargs)
+
+    fix_empty_latent_channels.dcgen_hook = True
+    comfy.sample.fix_empty_latent_channels = fix_empty_latent_channels
+
+
 def require_flux(model, subject: str = "model"):
     import comfy.ldm.flux.model
 
@@ -142,6 +199,7 @@ def _linear_like(template, weight: torch.Tensor, bias: torch.Tensor | None, fall
     layer.weight = torch.nn.Parameter(weight.to(dtype=dtype, device=template.weight.device), requires_grad=False)
     if bias is not None:
         layer.bias = torch.nn.Parameter(bias.to(dtype=dtype, device=template.weight.device), requires_grad=False)
+    archive_weight_dtypes(layer)
     return layer
 
 
@@ -221,6 +279,7 @@ def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_mo
     import comfy.patcher_extension as pe
 
     install_preview_hook()
+    install_empty_latent_hook()
     native = NATIVE_RESOLUTION[latent_channels]
     shift = _shift_for_image(latent_channels, native, native)
     fmt = make_latent_format(latent_channels, scaling_factor)
@@ -303,7 +362,8 @@ def _unet_dtype(weight_dtype: str, sd, model_config, load_device):
                          weight_dtype=comfy.utils.weight_dtype(sd))
 
 
-def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: str = "checkpoint"):
+def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: str = "checkpoint",
+                     disable_dynamic: bool = False):
     """A ComfyUI FLUX ModelPatcher for a BFL-keyed state dict of any width/depth/channel count.
 
     The model is built on the meta device and the (memory-mapped) tensors are
@@ -311,19 +371,13 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
     """
     import comfy.model_detection
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     if cfg.img_in_features % 4 or cfg.out_features % 4:
         raise DCGenError(f"{source}: expected in/out channel counts divisible by 4, "
                          f"found {cfg.img_in_features}/{cfg.out_features}.")
     unet_config = comfy.model_detection.detect_unet_config(sd_bfl, "") or {"image_model": "flux"}
-    unet_config.update(
-        image_model="flux", in_channels=cfg.img_in_features // 4, out_channels=cfg.out_features // 4, patch_size=2,
-        vec_in_dim=cfg.vec_in_dim, context_in_dim=cfg.context_in_dim, hidden_size=cfg.hidden_size,
-        mlp_ratio=cfg.mlp_ratio, num_heads=cfg.num_heads, depth=cfg.depth,
-        depth_single_blocks=cfg.depth_single_blocks, axes_dim=list(cfg.axes_dim), theta=cfg.theta,
-        qkv_bias=cfg.qkv_bias, guidance_embed=cfg.guidance_embed,
-    )
+    unet_config.update(image_model="flux", **cfg.comfy_flux_kwargs(patch_size=2))
+    unet_config = flux_params_kwargs(unet_config)
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd_bfl)
     if model_config is None:
         raise DCGenError(f"{source}: ComfyUI has no FLUX model class for config {unet_config}.")
@@ -338,6 +392,7 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
     model = model_config.get_model(sd_bfl, "", device="meta")
     model.device = None
     dm = model.diffusion_model
+    sd_bfl = flux_model_keys(model_config, sd_bfl)
     expected = dm.state_dict()
     missing = sorted(set(expected) - set(sd_bfl))
     unexpected = sorted(set(sd_bfl) - set(expected))
@@ -352,11 +407,23 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
     if leftovers:
         raise DCGenError(f"{source}: internal error, tensors left unloaded: {leftovers[:4]}")
     model.to(offload_device)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return make_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
 
 
 def load_flux_transformer(path: str, weight_dtype: str = "default", vae=None):
-    """Load a DC-Gen-FLUX (or base FLUX) transformer file or diffusers folder as a ComfyUI MODEL."""
+    """Load a DC-Gen-FLUX (or base FLUX) transformer file or diffusers folder as a ComfyUI MODEL.
+
+    The patcher carries ``cached_patcher_init`` as core loaders' do, so ComfyUI (v0.33) can rebuild a pristine
+    copy: MultiGPU deep clones, and the non-dynamic delegate that hooks need under dynamic VRAM.
+    """
+    # the factory keeps the VAE's DC-AE config, not the VAE and its weights
+    dcae = None if vae is None else SimpleNamespace(dcae_config=require_dcae(vae))
+    m = _load_flux_patcher(path, weight_dtype, dcae)
+    m.cached_patcher_init = (_load_flux_patcher, (path, weight_dtype, dcae))
+    return m
+
+
+def _load_flux_patcher(path: str, weight_dtype: str, vae=None, disable_dynamic: bool = False):
     ckpt = load_checkpoint(path, component="transformer")
     sd = strip_prefix(ckpt.state_dict)
     if is_diffusers_flux(sd):
@@ -368,11 +435,11 @@ def load_flux_transformer(path: str, weight_dtype: str = "default", vae=None):
     c_in, c_out = cfg.img_in_features, cfg.out_features
     if c_in == c_out == 64:
         logging.info("%s: base FLUX (16-channel latents, 2x2 patches); loaded without DC-AE latent space.", path)
-        return build_comfy_flux(sd, cfg, weight_dtype, source=path)
+        return build_comfy_flux(sd, cfg, weight_dtype, source=path, disable_dynamic=disable_dynamic)
     if c_in != c_out or c_in not in SPATIAL_COMPRESSION:
         raise DCGenError(f"{path}: expected a DC-Gen transformer whose embedder and head take the same DC-AE "
                          f"channel count (32, 128 or 512), found {c_in} in / {c_out} out.")
     scaling = resolve_scaling(c_in, vae, path)
-    m = build_comfy_flux(sd, cfg, weight_dtype, source=path)
+    m = build_comfy_flux(sd, cfg, weight_dtype, source=path, disable_dynamic=disable_dynamic)
     _install_latent_space(m, c_in, scaling, own_model=True)
     return m

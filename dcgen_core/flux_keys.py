@@ -364,16 +364,19 @@ def flux_config_from_state_dict(sd_bfl: dict, config_json: dict | None = None) -
                            "Is this a FLUX transformer in BFL/ComfyUI layout?")
         return sd[key]
 
+    def need_norm(module):  # BFL files and v0.3.64 name RMSNorm parameters ".scale", ComfyUI v0.33 ".weight"
+        return sd[f"{module}.weight"] if f"{module}.weight" in sd else need(f"{module}.scale")
+
     img_in = need("img_in.weight")
     hidden = int(img_in.shape[0])
     depth = _count_blocks(sd, "double_blocks.")
     depth_single = _count_blocks(sd, "single_blocks.")
     if depth:
-        head_dim = int(need("double_blocks.0.img_attn.norm.query_norm.scale").shape[0])
+        head_dim = int(need_norm("double_blocks.0.img_attn.norm.query_norm").shape[0])
         mlp_hidden = int(need("double_blocks.0.img_mlp.0.weight").shape[0])
         qkv_bias = "double_blocks.0.img_attn.qkv.bias" in sd
     elif depth_single:
-        head_dim = int(need("single_blocks.0.norm.query_norm.scale").shape[0])
+        head_dim = int(need_norm("single_blocks.0.norm.query_norm").shape[0])
         mlp_hidden = int(need("single_blocks.0.linear1.weight").shape[0]) - 3 * hidden
         qkv_bias = True
     else:

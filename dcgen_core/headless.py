@@ -15,6 +15,8 @@ import os
 import sys
 import uuid
 
+from .comfy_compat import prompt_executor
+
 DEFAULT_COMFYUI_PATH = os.path.expanduser("~/ComfyUI")
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_MODULE = "comfyui_dc_gen"
@@ -22,6 +24,39 @@ PACK_MODULE = "comfyui_dc_gen"
 
 def comfyui_path() -> str:
     return os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI_PATH
+
+
+def comfyui_paths() -> list[str]:
+    """Every ComfyUI checkout to test against: ``$COMFYUI_PATHS`` (separated by ``os.pathsep``) when set, else
+    ``$COMFYUI_PATH`` (default ``~/ComfyUI``) followed by the ``~/ComfyUI-*`` checkouts beside it (e.g.
+    ``~/ComfyUI-0.33``). Only folders that hold a ComfyUI are returned."""
+    listed = os.environ.get("COMFYUI_PATHS")
+    if listed:
+        candidates = [p for p in listed.split(os.pathsep) if p]
+    else:
+        home = os.path.dirname(DEFAULT_COMFYUI_PATH)
+        others = sorted(os.path.join(home, d) for d in os.listdir(home) if d.startswith("ComfyUI-")) \
+            if os.path.isdir(home) else []
+        candidates = [comfyui_path(), *others]
+    seen, out = set(), []
+    for p in candidates:
+        real = os.path.realpath(os.path.expanduser(p))
+        if real not in seen and comfyui_available(real):
+            seen.add(real)
+            out.append(os.path.expanduser(p))
+    return out
+
+
+def comfyui_version_at(path: str) -> str:
+    """The version a ComfyUI checkout declares (``comfyui_version.py``), without importing it."""
+    try:
+        with open(os.path.join(path, "comfyui_version.py"), encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("__version__"):
+                    return line.split("=", 1)[1].strip().strip("\"'")
+    except OSError:
+        pass
+    return "unknown"
 
 
 def comfyui_available(path: str | None = None) -> bool:
@@ -45,17 +80,39 @@ class _HeadlessServer:
     def queue_updated(self):
         pass
 
+    def send_progress_text(self, text, node_id, sid=None):
+        self.messages.append(("progress_text", {"node": node_id, "text": text}))
+
+
+def _install_headless_server() -> _HeadlessServer:
+    """``server.PromptServer.instance`` for built-in nodes that talk to the server (v0.33's node-replacement
+    registry, progress texts) when no real server runs in this process."""
+    headless = _HeadlessServer()
+    try:
+        import server
+    except ImportError:
+        return headless
+    if getattr(server.PromptServer, "instance", None) is None:
+        try:
+            from app.node_replace_manager import NodeReplaceManager
+
+            headless.node_replace_manager = NodeReplaceManager()
+        except ImportError:  # v0.3.64 has no node replacements
+            pass
+        server.PromptServer.instance = headless
+    return server.PromptServer.instance
+
 
 class ComfyRuntime:
-    def __init__(self, path: str):
+    def __init__(self, path: str, server):
         self.path = path
         import execution
         import nodes
 
         self.nodes = nodes
         self.execution = execution
-        self.server = _HeadlessServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.server = server
+        self.executor = prompt_executor(execution, self.server)
         self.pack = sys.modules.get(PACK_MODULE)
 
     @property
@@ -112,6 +169,7 @@ def boot(path: str | None = None, cpu: bool = True, output_dir: str | None = Non
         args.cpu = cpu
         if cpu:
             args.force_fp32 = True
+        aimdo = _init_aimdo(args) if not cpu else None
         import comfy.utils  # noqa: F401  (sets up ComfyUI's torch defaults)
         try:  # before nodes.py puts comfy/ first on sys.path, where "utils" would be comfy/utils.py
             import utils.install_util  # noqa: F401
@@ -119,11 +177,14 @@ def boot(path: str | None = None, cpu: bool = True, output_dir: str | None = Non
             pass
         import nodes
 
+        if aimdo is not None:
+            _enable_dynamic_vram(aimdo, args)
+        server = _install_headless_server()
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         _load_pack(nodes, loop)
-        _runtime = ComfyRuntime(path)
+        _runtime = ComfyRuntime(path, server)
     import folder_paths
 
     if output_dir:
@@ -132,6 +193,45 @@ def boot(path: str | None = None, cpu: bool = True, output_dir: str | None = Non
         for d in dirs:
             folder_paths.add_model_folder_path(kind, d, is_default=True)
     return _runtime
+
+
+def _init_aimdo(args):
+    """Dynamic VRAM, as ComfyUI's main.py sets it up (v0.12+, NVIDIA by default): comfy-aimdo is initialised before
+    ComfyUI's model management. None where this ComfyUI or machine has no dynamic VRAM."""
+    from comfy import cli_args
+
+    enables = getattr(cli_args, "enables_dynamic_vram", None)
+    if enables is None or not enables():
+        return None
+    try:
+        import comfy_aimdo.control as aimdo
+    except ImportError:
+        return None
+    for kwargs in ({"simple_vram_headroom": None, "nvml_pressure": True}, {"simple_vram_headroom": None}, {}):
+        try:
+            aimdo.init(**kwargs)
+            return aimdo
+        except TypeError:  # older comfy-aimdo protocols take fewer arguments
+            continue
+    return None
+
+
+def _enable_dynamic_vram(aimdo, args) -> bool:
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if not mm.is_nvidia():
+        return False
+    devices = mm.get_all_torch_devices()
+    try:
+        ok = aimdo.init_devices((d.index, int(getattr(args, "vram_headroom", 0) * 1024 ** 3)) for d in devices)
+    except TypeError:
+        ok = aimdo.init_devices(d.index for d in devices)
+    if ok:
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+    return bool(ok)
 
 
 def _load_pack(nodes, loop):

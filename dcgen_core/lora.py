@@ -20,6 +20,7 @@ import re
 import torch
 
 from .checkpoints import load_safetensors
+from .comfy_compat import norm_param_in
 from .embedding import extract_aligned_embedding
 from .errors import DCGenError
 from .flux_keys import (SCALE_SHIFT_SWAPPED_MODULES, diffusers_flux_module_names, diffusers_flux_module_to_bfl,
@@ -88,14 +89,15 @@ def flux_lora_key_map(model_keys, cfg) -> dict:
     """
     key_map = {}
     for k in model_keys:
-        if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            module = k[len("diffusion_model."):-len(".weight")]
+        # RMSNorm parameters are ".scale" on ComfyUI v0.3.64 and ".weight" on v0.33: either is the module's weight
+        if k.startswith("diffusion_model.") and (k.endswith(".weight") or (k.endswith(".scale") and "_norm" in k)):
+            module = k[len("diffusion_model."):].rpartition(".")[0]
             key_map[f"diffusion_model.{module}"] = k
             key_map["lora_unet_" + module.replace(".", "_")] = k
     for name in diffusers_flux_module_names(cfg):
         bfl_key, offset = diffusers_flux_module_to_bfl(name, config=cfg)
-        target = f"diffusion_model.{bfl_key}"
-        if target not in model_keys:
+        target = norm_param_in(f"diffusion_model.{bfl_key}", model_keys)
+        if target is None:
             continue
         if offset is not None:
             value = (target, tuple(offset))
@@ -127,7 +129,10 @@ def lora_patches(model, lora_sd: dict, source: str, cfg) -> dict:
     """ComfyUI patches for ``model`` (a FLUX ModelPatcher); errors if the LoRA targets another model."""
     import comfy.lora
 
-    key_map = flux_lora_key_map(set(model.model_state_dict().keys()), cfg)
+    # core's own map first (it gains aliases across versions, e.g. LyCoris names), ours on top (fused offsets,
+    # the norm_out scale/shift swap, kohya diffusers names)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map.update(flux_lora_key_map(set(model.model_state_dict().keys()), cfg))
     bad = unmatched_modules(lora_sd, key_map)
     if bad:
         raise DCGenError(

@@ -1,7 +1,5 @@
 """Latent and schedule nodes: empty DC-AE latents and the DC-Gen time shift."""
 
-import torch
-
 from ..dcgen_core.comfy_vae import empty_dcae_latent
 from ..dcgen_core.flux import set_time_shift
 
@@ -25,7 +23,9 @@ class EmptyDCAELatent:
         }}
 
     def generate(self, vae, width, height, batch_size):
-        return ({"samples": empty_dcae_latent(vae, width, height, batch_size)},)
+        samples = empty_dcae_latent(vae, width, height, batch_size)
+        # ComfyUI v0.33 samplers read the grid of an empty latent from this (v0.3.64 ignores it)
+        return ({"samples": samples, "downscale_ratio_spacial": vae.downscale_ratio},)
 
 class DCGenTimeShift:
     DESCRIPTION = ("Fix the official DC-Gen time shift to a given image size. Without this node the shift follows "

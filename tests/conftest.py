@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from dcgen_core.headless import comfyui_available, comfyui_path  # noqa: E402
+from dcgen_core.headless import comfyui_available, comfyui_path, comfyui_version_at  # noqa: E402
 
 COMFY_MISSING = (f"ComfyUI not found at {comfyui_path()} (set COMFYUI_PATH to a ComfyUI checkout); "
                  "the tests that run nodes and workflows inside ComfyUI are skipped")
@@ -18,8 +18,14 @@ MODEL_KINDS = ("vae", "diffusion_models", "loras", "dcgen_embeddings", "text_enc
                "controlnet")
 
 
+# scripts/run_tests.py sets this for each ComfyUI it found: there, a ComfyUI test must run, never skip
+REQUIRE_COMFYUI = os.environ.get("DCGEN_REQUIRE_COMFYUI") == "1"
+
+
 def pytest_report_header(config):
-    return f"ComfyUI: {comfyui_path()} " + ("(found)" if comfyui_available() else "(absent: ComfyUI tests skip)")
+    if comfyui_available():
+        return f"ComfyUI {comfyui_version_at(comfyui_path())} at {comfyui_path()}"
+    return f"ComfyUI: none at {comfyui_path()} (ComfyUI tests skip)"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,6 +37,8 @@ def pytest_collection_modifyitems(config, items):
 def comfyui(tmp_path_factory):
     """ComfyUI booted in-process on CPU with this pack loaded and temporary model folders."""
     if not comfyui_available():
+        if REQUIRE_COMFYUI:
+            pytest.fail(f"DCGEN_REQUIRE_COMFYUI=1 but {COMFY_MISSING}")
         pytest.skip(COMFY_MISSING)
     from dcgen_core.headless import boot
 

@@ -5,12 +5,14 @@ are skipped otherwise.
 """
 
 import os
+import re
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dcgen_core.comfy_compat import flux_params_kwargs, norm_param_in
 from dcgen_core.errors import DCGenError
 from dcgen_core.flux_keys import (
     FluxConfig,
@@ -278,18 +280,8 @@ def test_module_offsets_match_conversion(tiny):
 # --------------------------------------------------------------------------------------
 
 
-def _comfy():
-    root = os.environ.get("COMFYUI_PATH", os.path.expanduser("~/ComfyUI"))
-    if not os.path.isdir(os.path.join(root, "comfy")):
-        pytest.skip(f"ComfyUI not found at {root} (set COMFYUI_PATH)")
-    if root not in sys.path:
-        sys.path.append(root)
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+def _comfy(comfyui):
+    """ComfyUI's modules, from the checkout the ``comfyui`` fixture booted (it skips or fails when absent)."""
     import comfy.ldm.flux.model
     import comfy.ops
     import comfy.utils
@@ -302,14 +294,17 @@ COMFY_KW = dict(in_channels=8, out_channels=8, vec_in_dim=24, context_in_dim=32,
                 theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 
 
-def test_comfy_flux_shapes_and_forward(tiny):
-    comfy = _comfy()
+def test_comfy_flux_shapes_and_forward(tiny, comfyui):
+    comfy = _comfy(comfyui)
     model, cfg, sd = tiny
     bfl = diffusers_to_bfl(sd)
     conf = flux_config_from_state_dict(bfl, dict(model.config))
     assert conf.comfy_flux_kwargs(patch_size=2) == COMFY_KW
-    cm = comfy.ldm.flux.model.Flux(image_model=None, operations=comfy.ops.disable_weight_init, **COMFY_KW)
+    cm = comfy.ldm.flux.model.Flux(image_model=None, operations=comfy.ops.disable_weight_init,
+                                   **flux_params_kwargs(COMFY_KW))
     ref = cm.state_dict()
+    # BFL names RMSNorm parameters ".scale"; ComfyUI v0.33 names them ".weight"
+    bfl = {norm_param_in(k, ref) or k: v for k, v in bfl.items()}
     assert set(ref) == set(bfl)
     for k, v in ref.items():
         assert v.shape == bfl[k].shape, k
@@ -341,8 +336,8 @@ def test_comfy_flux_shapes_and_forward(tiny):
     assert (c_out - d_out).abs().max().item() <= 1e-5
 
 
-def test_keys_match_comfy_flux_to_diffusers(tiny):
-    comfy = _comfy()
+def test_keys_match_comfy_flux_to_diffusers(tiny, comfyui):
+    comfy = _comfy(comfyui)
     model, cfg, sd = tiny
     bfl = diffusers_to_bfl(sd)
     conf = flux_config_from_state_dict(bfl, dict(model.config))
@@ -350,9 +345,17 @@ def test_keys_match_comfy_flux_to_diffusers(tiny):
     key_map = {k: v for k, v in key_map.items() if not k.startswith("controlnet_")}
     if not conf.guidance_embed:
         key_map = {k: v for k, v in key_map.items() if "guidance_embedder" not in k}
-    assert set(key_map) == set(sd)
+    # newer ComfyUI adds aliases of other layouts (LyCoris LoKr ff.linear_in/out, Flux 2 fused names): FLUX.1
+    # diffusers files never carry them
+    alias = re.compile(r"\.(linear_in|linear_out|to_qkv_mlp_proj)\.|single_transformer_blocks\.\d+\.attn\.to_out\.")
+    aliases = {k for k in key_map if alias.search(k)}
+    assert set(key_map) - aliases == set(sd)
     for dkey, to in key_map.items():
+        if dkey in aliases:
+            continue
         key, off = diffusers_flux_module_to_bfl(dkey, config=conf)
+        if isinstance(to, str) and to.endswith("_norm.weight"):  # ComfyUI v0.33 renames BFL's ".scale"
+            key = key[: -len(".scale")] + ".weight"
         if isinstance(to, str):
             assert (key, off) == (to, None), dkey
         elif len(to) == 3:  # (key, None, swap function)

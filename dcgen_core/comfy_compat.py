@@ -1,0 +1,108 @@
+"""What differs between the ComfyUI versions the pack supports (v0.3.64 .. v0.33), read from the running one.
+
+Every function here asks the running ComfyUI what it has (a dataclass field, a
+signature parameter, a model key) instead of comparing version numbers, so one
+code path serves every version and a future release that keeps the new form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+
+def comfyui_version() -> str:
+    try:
+        import comfyui_version
+
+        return comfyui_version.__version__
+    except ImportError:
+        return "unknown"
+
+
+# --- FLUX model construction -------------------------------------------------------------------------------------
+
+#: FluxParams fields that newer ComfyUI requires and FLUX.1 leaves at these values
+#: (``txt_ids_dims`` since v0.4: FLUX.1's text position ids are all zero).
+_FLUX1_PARAM_DEFAULTS = {"txt_ids_dims": []}
+
+
+def flux_params_kwargs(kwargs: dict) -> dict:
+    """``comfy.ldm.flux.model.Flux`` keyword arguments for FLUX.1, completed with the fields this ComfyUI requires."""
+    import comfy.ldm.flux.model as flux_model
+
+    fields = {f.name for f in dataclasses.fields(flux_model.FluxParams)}
+    out = dict(kwargs)
+    for name, value in _FLUX1_PARAM_DEFAULTS.items():
+        if name in fields and name not in out:
+            out[name] = list(value)
+    return out
+
+
+def flux_model_keys(model_config, sd: dict) -> dict:
+    """``sd`` (BFL keys) renamed the way this ComfyUI's loader renames a FLUX state dict.
+
+    v0.33 names FLUX's RMSNorm parameters ``.weight`` (BFL files say ``.scale``) and its
+    ``supported_models.Flux.process_unet_state_dict`` renames them; v0.3.64 keeps ``.scale``.
+    """
+    return model_config.process_unet_state_dict(dict(sd))
+
+
+_NORM_PARAMS = (".scale", ".weight")
+
+
+def norm_param_in(key: str, model_keys) -> str | None:
+    """``key`` as the model names it: an RMSNorm parameter may be ``.scale`` or ``.weight``; None if neither."""
+    if key in model_keys:
+        return key
+    for a, b in (_NORM_PARAMS, _NORM_PARAMS[::-1]):
+        if key.endswith(a) and "_norm" in key:
+            other = key[: -len(a)] + b
+            if other in model_keys:
+                return other
+    return None
+
+
+# --- Model patchers --------------------------------------------------------------------------------------------
+
+def model_patcher_class():
+    """The patcher class core loaders use: ``CoreModelPatcher`` (``ModelPatcherDynamic`` when ComfyUI enabled
+    dynamic VRAM) where it exists, ``ModelPatcher`` on older versions."""
+    import comfy.model_patcher as mp
+
+    return getattr(mp, "CoreModelPatcher", mp.ModelPatcher)
+
+
+def make_model_patcher(model, load_device, offload_device, disable_dynamic: bool = False):
+    """A patcher for ``model`` built as this ComfyUI's core loaders build theirs (``disable_dynamic``: a plain
+    ModelPatcher, as core loaders give when ComfyUI asks its ``cached_patcher_init`` for a non-dynamic copy)."""
+    import comfy.model_patcher as mp
+
+    cls = mp.ModelPatcher if disable_dynamic else model_patcher_class()
+    return cls(model, load_device=load_device, offload_device=offload_device)
+
+
+def archive_weight_dtypes(module):
+    """Record each parameter's dtype on its module, as v0.33's loaders do for dynamic VRAM (which streams weights
+    and casts them back to these dtypes); nothing to do on versions without it."""
+    import comfy.model_management as mm
+
+    archive = getattr(mm, "archive_model_dtypes", None)
+    if archive is not None:
+        archive(module)
+
+
+def patcher_is_dynamic(patcher) -> bool:
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    return bool(is_dynamic()) if callable(is_dynamic) else False
+
+
+# --- Executor -----------------------------------------------------------------------------------------------------
+
+def prompt_executor(execution, server):
+    """A PromptExecutor with the classic cache: ``cache_size`` up to v0.3.67, ``cache_args`` (a dict) after."""
+    params = inspect.signature(execution.PromptExecutor).parameters
+    if "cache_args" in params:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
