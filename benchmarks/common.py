@@ -80,18 +80,35 @@ def marginal(run, extra: int, repeats: int, clock=None, warmup: bool = True,
     (at least one round). Returns (per-unit time, fixed time of a 1-unit call, rounds). ``clock(fn)`` times
     one call (default: wall clock); ``warmup`` runs ``run(1)`` once untimed first.
     """
+    one, many, _ = marginal_rounds(run, extra, repeats, clock=clock, warmup=warmup, budget_s=budget_s)
+    unit = (min(many) - min(one)) / extra
+    return unit, min(one) - unit, len(one)
+
+
+def marginal_rounds(run, extra: int, repeats: int, clock=None, warmup: bool = True, budget_s: float | None = None,
+                    beside=None) -> tuple[list[float], list[float], list[float]]:
+    """The rounds behind ``marginal``: times of ``run(1)`` and ``run(1 + extra)`` per round, and of ``beside()``
+    (another function timed in the same round, e.g. a bare forward to compare a step with), or [] without it."""
     clock = clock or _wall
     start = time.perf_counter()
     if warmup:
         run(1)
-    one, many = [], []
+        if beside is not None:
+            beside()
+    one, many, other = [], [], []
     for _ in range(repeats):
         one.append(clock(lambda: run(1)))
         many.append(clock(lambda: run(1 + extra)))
+        if beside is not None:
+            other.append(clock(beside))
         if budget_s is not None and time.perf_counter() - start >= budget_s:
             break
-    unit = (min(many) - min(one)) / extra
-    return unit, min(one) - unit, len(one)
+    return one, many, other
+
+
+def spread(values) -> str:
+    """'median (min..max)' of a list of numbers, for reporting a measurement with its spread over repeats."""
+    return f"{statistics.median(values):+.1f} ({min(values):+.1f}..{max(values):+.1f})"
 
 
 def _wall(fn) -> float:

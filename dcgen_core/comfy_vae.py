@@ -113,11 +113,36 @@ def require_dcae(vae, subject: str = "vae"):
     cfg = getattr(vae, "dcae_config", None)
     if cfg is None:
         model = getattr(vae, "first_stage_model", vae)
+        channels, ratio = getattr(vae, "latent_channels", "?"), getattr(vae, "downscale_ratio", "?")
         raise DCGenError(
             f"{subject}: expected a DC-AE VAE (from Load DC-AE VAE), found a {type(model).__name__} with "
-            f"{getattr(vae, 'latent_channels', '?')} latent channels at 1/{getattr(vae, 'downscale_ratio', '?')} "
-            f"resolution (e.g. the FLUX/SD VAE).")
+            f"{channels} latent channels at 1/{ratio} resolution{_known_vae(channels, ratio)}.")
     return cfg
+
+
+def _known_vae(channels, ratio) -> str:
+    if ratio == 1:
+        return " (a pixel-space VAE: it has no latent space)"
+    names = {(16, 8): "the FLUX.1 VAE", (4, 8): "an SD 1.x / SDXL VAE", (32, 16): "the FLUX.2 VAE"}
+    name = names.get((channels, ratio))
+    return f" ({name})" if name else ""
+
+
+def check_empty_latent_fits(batch: int, channels: int, width: int, height: int, f: int, subject: str):
+    """Refuse, before allocating, a batch x size whose latents or decoded float32 images cannot fit in free RAM
+    (ComfyUI keeps LATENTs and IMAGEs in system memory between nodes)."""
+    from .dcae.tiling import available_ram
+
+    free = available_ram()
+    if free is None:
+        return
+    latent_bytes = batch * channels * (height // f) * (width // f) * 4
+    image_bytes = batch * height * width * 3 * 4
+    if max(latent_bytes, image_bytes) > free:
+        raise DCGenError(
+            f"{subject}: expected a batch x size whose images fit in free memory ({free / 2**30:.1f} GiB), found "
+            f"{batch} x {width}x{height}: {image_bytes / 2**30:.1f} GiB of decoded float32 images "
+            f"({latent_bytes / 2**30:.2f} GiB of latents). Lower batch_size or the size.")
 
 
 def check_resolution(width: int, height: int, f: int, subject: str = "resolution"):
@@ -133,7 +158,9 @@ def empty_dcae_latent(vae, width: int, height: int, batch_size: int = 1) -> torc
 
     cfg = require_dcae(vae)
     f = cfg.spatial_compression
-    check_resolution(width, height, f, subject=f"Empty DC-AE Latent ({cfg.variant}, f={f})")
+    subject = f"Empty DC-AE Latent ({cfg.variant}, f={f})"
+    check_resolution(width, height, f, subject=subject)
+    check_empty_latent_fits(batch_size, cfg.latent_channels, width, height, f, subject)
     return torch.zeros(batch_size, cfg.latent_channels, height // f, width // f, device=mm.intermediate_device())
 
 

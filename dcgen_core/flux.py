@@ -30,7 +30,7 @@ from .comfy_vae import check_resolution, require_dcae
 from .embedding import AlignedEmbedding, check_embedding_for_model
 from .errors import DCGenError
 from .flux_keys import diffusers_to_bfl, flux_config_from_state_dict, is_bfl_flux, is_diffusers_flux, strip_prefix
-from .schedules import TimeShift, comfy_model_sampling, official_shift, retarget_sigmas
+from .schedules import RULES, TimeShift, comfy_model_sampling, official_shift, retarget_sigmas
 
 WRAPPER_KEY = "dcgen_dcae_tokens"
 SPATIAL_COMPRESSION = {32: 32, 128: 64, 512: 128}
@@ -139,6 +139,7 @@ def _empty_latent_on_dcae_grid(latent: torch.Tensor, ratio: int, info: dict) -> 
             f"empty LATENT: expected an image size that is a multiple of {f} (this DC-Gen model's DC-AE grid), found "
             f"{w}x{h} from a {latent.shape[1]}-channel latent at 1/{ratio} scale. Use Empty DC-AE Latent Image with "
             f"the DC-AE VAE, or a size like {max(f, round(w / f) * f)}x{max(f, round(h / f) * f)}.")
+    check_size_for_model(info, w, h)
     logging.info("DC-Gen: empty %d-channel latent at 1/%d scale = a %dx%d image; sampling it as a %dx%dx%d DC-AE "
                  "latent (Empty DC-AE Latent Image makes one directly).", latent.shape[1], ratio, w, h, c, h // f, w // f)
     return torch.zeros(latent.shape[0], c, h // f, w // f, dtype=latent.dtype, device=latent.device)
@@ -203,10 +204,25 @@ def _linear_like(template, weight: torch.Tensor, bias: torch.Tensor | None, fall
     return layer
 
 
-def _shift_for_image(latent_channels: int, width: int, height: int) -> TimeShift:
+#: Largest image side each DC-Gen model is made for: the 1K model (f32c32) up to 2K, the 4K model (f64c128) 4K.
+MAX_SIDE = {32: 2048, 128: 4096, 512: 8192}
+MODEL_NAMES = {32: "1K model (DC-AE f32c32)", 128: "4K model (DC-AE-1.5 f64c128)", 512: "f128c512 model"}
+
+
+def check_size_for_model(info: dict, width: int, height: int):
+    c, f = info["latent_channels"], info["spatial_compression"]
+    check_resolution(width, height, f, subject=f"size for the DC-Gen {MODEL_NAMES.get(c, f'{c}-channel model')}")
+    limit = MAX_SIDE.get(c)
+    if limit and max(width, height) > limit:
+        hint = " Use the DC-Gen Res4K model (DC-AE-1.5 f64c128) for 4K." if c == 32 else ""
+        raise DCGenError(f"size: expected at most {limit} px per side for the DC-Gen {MODEL_NAMES[c]}, "
+                         f"found {width}x{height}.{hint}")
+
+
+def _shift_for_image(latent_channels: int, width: int, height: int, rule: str | None = None) -> TimeShift:
     f = SPATIAL_COMPRESSION[latent_channels]
     check_resolution(width, height, f)
-    return official_shift(height // f, width // f, latent_channels)
+    return official_shift(height // f, width // f, latent_channels, rule)
 
 
 def _dcgen_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
@@ -216,6 +232,9 @@ def _dcgen_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, *
     info = guider.model_options.get("dcgen")
     if info is not None:
         check_latent_channels(latent_image, info["latent_channels"])
+        if latent_image.ndim == 4:  # the model's size range on every sampling path, before the first step
+            f = info["spatial_compression"]
+            check_size_for_model(info, latent_image.shape[-1] * f, latent_image.shape[-2] * f)
         reject_controlnets(getattr(guider, "conds", {}) or {})
         configured = getattr(guider.model_patcher.get_model_object("model_sampling"), "time_shift", None)
         if info.get("fixed_resolution") is None and configured is not None and noise.ndim == 4:
@@ -260,14 +279,56 @@ def require_dcgen(model, subject: str = "model") -> dict:
     return info
 
 
-def set_time_shift(model, width: int, height: int):
-    """Clone ``model`` with the official DC-Gen shift fixed to a width x height image."""
+def set_time_shift(model, width: int, height: int, rule: str | None = None):
+    """Clone ``model`` with the DC-Gen time shift of ``rule`` (None: the model's own, see schedules.rule_for_channels)
+    fixed to a width x height image; width = height = 0 keep it following the size of the latent sampled."""
     info = require_dcgen(model)
-    shift = _shift_for_image(info["latent_channels"], width, height)
+    rule = rule or info["rule"]
+    if rule not in RULES:
+        raise DCGenError(f"time shift rule: expected one of {list(RULES)}, found '{rule}'.")
+    follow = width == 0 and height == 0
+    native = NATIVE_RESOLUTION[info["latent_channels"]]
+    shift = _shift_for_image(info["latent_channels"], native if follow else width, native if follow else height, rule)
     m = model.clone()
     m.add_object_patch("model_sampling", comfy_model_sampling(shift))
-    m.model_options["dcgen"] = {**info, "shift": shift.describe(), "fixed_resolution": (width, height)}
+    m.model_options["dcgen"] = {**info, "rule": rule, "fixed_resolution": None if follow else (width, height),
+                                "shift": shift.describe() + ("; follows the latent" if follow else "")}
     return m
+
+
+_FLUX_SHIFT_DEFAULTS = (1.15, 0.5)  # core ModelSamplingFlux's max_shift, base_shift
+
+
+def install_model_sampling_flux_hook():
+    """Core ModelSamplingFlux on a DC-Gen model: the official DC-Gen schedule for the image size it names.
+
+    Left alone it would count width*height/256 tokens (FLUX's 2x2 patches on a 1/8 latent: 4x the 1K model's,
+    16x the 4K model's) and silently replace the official shift. Other max/base shifts than core's defaults
+    describe FLUX's token count, not DC-Gen's: refused with a pointer to DC-Gen Time Shift.
+    """
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS.get("ModelSamplingFlux")
+    original = getattr(cls, "patch", None)
+    if original is None or getattr(original, "dcgen_hook", False):
+        return
+
+    def patch(self, model, max_shift, base_shift, width, height, *args, **kwargs):
+        info = dcgen_info(model) if hasattr(model, "model_options") else None
+        if info is None:
+            return original(self, model, max_shift, base_shift, width, height, *args, **kwargs)
+        if (round(max_shift, 6), round(base_shift, 6)) != _FLUX_SHIFT_DEFAULTS:
+            raise DCGenError(
+                f"ModelSamplingFlux: expected the default max_shift {_FLUX_SHIFT_DEFAULTS[0]} / base_shift "
+                f"{_FLUX_SHIFT_DEFAULTS[1]} on a DC-Gen model (they are then replaced by the official DC-Gen shift "
+                f"for {width}x{height}), found {max_shift} / {base_shift}, which describe FLUX's own token count. "
+                f"Use DC-Gen Time Shift to choose the rule and size.")
+        logging.info("ModelSamplingFlux on a DC-Gen model: the official DC-Gen time shift for %dx%d (%d-channel "
+                     "DC-AE latents) instead of FLUX's.", width, height, info["latent_channels"])
+        return (set_time_shift(model, width, height),)
+
+    patch.dcgen_hook = True
+    cls.patch = patch
 
 
 def _no_concat_cond(**kwargs):
@@ -280,6 +341,7 @@ def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_mo
 
     install_preview_hook()
     install_empty_latent_hook()
+    install_model_sampling_flux_hook()
     native = NATIVE_RESOLUTION[latent_channels]
     shift = _shift_for_image(latent_channels, native, native)
     fmt = make_latent_format(latent_channels, scaling_factor)
@@ -297,8 +359,11 @@ def _install_latent_space(m, latent_channels: int, scaling_factor: float, own_mo
     # ComfyUI's FLUX reads img_in's width as C/4 input channels; C/4 above the base's 16 output channels would
     # make it concatenate a (Fill/Kontext-style) conditioning image to the latent. DC-Gen has none.
     m.add_object_patch("concat_cond", _no_concat_cond)
-    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _dcae_tokens_wrapper)
-    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _dcgen_outer_sample)
+    # installed again (another VAE scaling, a second embedding): the last one wins, never a second token view
+    for kind, wrapper in ((pe.WrappersMP.DIFFUSION_MODEL, _dcae_tokens_wrapper),
+                          (pe.WrappersMP.OUTER_SAMPLE, _dcgen_outer_sample)):
+        m.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        m.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     m.model_options["dcgen"] = {
         "latent_channels": latent_channels,
         "spatial_compression": SPATIAL_COMPRESSION[latent_channels],
@@ -332,13 +397,18 @@ def apply_aligned_embedding(model, emb: AlignedEmbedding, vae=None, clone: bool 
     check_embedding_for_model(emb, hidden_size=dm.hidden_size, source=emb.source)
     c = emb.latent_channels
     scaling = resolve_scaling(c, vae, emb.source)
+    info = dcgen_info(model)
+    if info is not None and info["latent_channels"] != c:
+        raise DCGenError(
+            f"{emb.source}: expected an aligned embedding for {info['latent_channels']}-channel DC-AE latents (this "
+            f"model already samples them), found one for {c} channels. A DC-Gen model's blocks were fine-tuned for "
+            f"its own latent space: apply this embedding to the base FLUX model instead.")
     m = model.clone() if clone else model
     fallback = getattr(model.model, "manual_cast_dtype", None)
     m.add_object_patch("diffusion_model.img_in", _linear_like(dm.img_in, emb.img_in_weight, emb.img_in_bias, fallback))
     m.add_object_patch("diffusion_model.final_layer.linear",
                        _linear_like(dm.final_layer.linear, emb.out_weight, emb.out_bias, fallback))
-    info = dcgen_info(model)
-    if info is None or info["latent_channels"] != c or info["scaling_factor"] != scaling:
+    if info is None or info["scaling_factor"] != scaling:
         _install_latent_space(m, c, scaling, own_model=False)
     return m
 

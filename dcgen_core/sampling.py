@@ -10,11 +10,7 @@ import torch
 
 from .comfy_vae import check_resolution, require_dcae
 from .errors import DCGenError
-from .flux import check_latent_channels, require_dcgen
-
-#: Largest image side each DC-Gen model is made for: the 1K model (f32c32) up to 2K, the 4K model (f64c128) 4K.
-MAX_SIDE = {32: 2048, 128: 4096, 512: 8192}
-MODEL_NAMES = {32: "1K model (DC-AE f32c32)", 128: "4K model (DC-AE-1.5 f64c128)", 512: "f128c512 model"}
+from .flux import check_latent_channels, check_size_for_model, require_dcgen
 
 SIZE_PRESETS = {
     "custom (width x height)": None,
@@ -34,16 +30,6 @@ def resolve_size(preset: str, width: int, height: int) -> tuple[int, int]:
     if preset not in SIZE_PRESETS:
         raise DCGenError(f"size: expected one of {list(SIZE_PRESETS)}, found '{preset}'.")
     return SIZE_PRESETS[preset] or (width, height)
-
-
-def check_size_for_model(info: dict, width: int, height: int):
-    c, f = info["latent_channels"], info["spatial_compression"]
-    check_resolution(width, height, f, subject=f"size for the DC-Gen {MODEL_NAMES.get(c, f'{c}-channel model')}")
-    limit = MAX_SIDE.get(c)
-    if limit and max(width, height) > limit:
-        hint = " Use the DC-Gen Res4K model (DC-AE-1.5 f64c128) for 4K." if c == 32 else ""
-        raise DCGenError(f"size: expected at most {limit} px per side for the DC-Gen {MODEL_NAMES[c]}, "
-                         f"found {width}x{height}.{hint}")
 
 
 def sample(model, positive, width: int, height: int, steps: int, guidance: float, seed: int, sampler_name: str,

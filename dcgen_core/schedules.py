@@ -24,6 +24,9 @@ import torch
 
 LINEAR = "dcgen-1k"
 EXPONENTIAL = "flux-resolution"
+#: The rules by what users call them: "flux2" (REFERENCE.md; the 1K models') and FLUX's resolution shift "mu".
+RULES = {LINEAR: "flux2: r = sqrt(tokens * C / 4096) (1K models)",
+         EXPONENTIAL: "mu: FLUX resolution shift, linear in tokens (4K models)"}
 
 _BASE_TOKENS, _BASE_MU = 256, 0.5
 _MAX_TOKENS, _MAX_MU = 4096, 1.15

@@ -2,6 +2,7 @@
 
 from ..dcgen_core.comfy_vae import empty_dcae_latent
 from ..dcgen_core.flux import set_time_shift
+from ..dcgen_core.schedules import RULES
 
 MAX_RESOLUTION = 16384
 
@@ -19,7 +20,8 @@ class EmptyDCAELatent:
             "vae": ("VAE", {"tooltip": "The DC-AE VAE (it tells C and f)."}),
             "width": ("INT", size),
             "height": ("INT", size),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
+                                   "tooltip": "Images per batch; refused when the decoded images cannot fit in free memory."}),
         }}
 
     def generate(self, vae, width, height, batch_size):
@@ -28,19 +30,33 @@ class EmptyDCAELatent:
         return ({"samples": samples, "downscale_ratio_spacial": vae.downscale_ratio},)
 
 class DCGenTimeShift:
-    DESCRIPTION = ("Fix the official DC-Gen time shift to a given image size. Without this node the shift follows "
-                   "the size of the latent being sampled.")
+    DESCRIPTION = ("Choose the DC-Gen time-shift rule and fix it to an image size. Without this node the model's own "
+                   "rule follows the size of the latent being sampled (the official schedule).")
     CATEGORY = "DC-Gen/sampling"
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
+    DEFAULT_RULE = "model default"
 
     @classmethod
     def INPUT_TYPES(cls):
-        size = {"default": 1024, "min": 32, "max": MAX_RESOLUTION, "step": 32}
-        return {"required": {"model": ("MODEL",), "width": ("INT", size), "height": ("INT", size)}}
+        size = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 32,
+                "tooltip": "Image size the shift is computed for, a multiple of the DC-AE f; width = height = 0: "
+                           "follow the size of the latent being sampled."}
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A DC-Gen model (Load DC-Gen Diffusion Model, or FLUX + aligned embedding)."}),
+            "rule": ([cls.DEFAULT_RULE, *RULES.values()], {
+                "default": cls.DEFAULT_RULE,
+                "tooltip": "model default: flux2 for 1K (f32c32) models, mu for 4K (f64c128) models, as the authors' "
+                           "pipeline. flux2: r = sqrt(tokens x C / 4096). mu: FLUX's resolution shift, linear in "
+                           "the token count between (256, 0.5) and (4096, 1.15)."}),
+            "width": ("INT", size),
+            "height": ("INT", size),
+        }}
 
-    def patch(self, model, width, height):
-        return (set_time_shift(model, width, height),)
+    def patch(self, model, rule, width, height):
+        by_label = {label: name for name, label in RULES.items()}
+        return (set_time_shift(model, width, height, by_label.get(rule)),)
+
 
 LATENT_NODES = {
     "DCGenEmptyLatent": (EmptyDCAELatent, "Empty DC-AE Latent Image"),

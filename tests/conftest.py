@@ -123,3 +123,22 @@ def flux_vae_file(tmp_path_factory):
     import tiny
 
     return _saved_once(tmp_path_factory, "flux-vae.safetensors", tiny.flux_vae)
+
+
+@pytest.fixture(scope="session")
+def models_4k(comfyui):
+    """A tiny DC-Gen f64c128 (4K model) and DC-AE-1.5 in the model folders, and as loaded (model, VAE)."""
+    import tiny
+
+    dcgen = tiny.TinyDCGen(seed=3, latent_channels=128)
+    vae = tiny.tiny_dcae15()
+    tiny.save_dcae_folder(vae, os.path.join(comfyui.dirs["vae"], "dc-ae-1.5-f64c128-tiny"))
+    dcgen.save_dcgen_diffusers_folder(os.path.join(comfyui.dirs["diffusion_models"], "DC-Gen-FLUX-tiny-Res4K"))
+    nodes = comfyui.runtime.node_classes
+    comfy_vae = nodes["DCGenDCAELoader"]().load("dc-ae-1.5-f64c128-tiny", "auto")[0]
+    model = nodes["DCGenModelLoader"]().load("DC-Gen-FLUX-tiny-Res4K", "default", vae=comfy_vae)[0]
+    base = os.path.join(comfyui.dirs["diffusion_models"], "flux-tiny-base-for-4k.safetensors")
+    dcgen.save_base_single_file(base)
+    dcgen.save_embedding(os.path.join(comfyui.dirs["dcgen_embeddings"], "dcgen-tiny-4k-embedding.safetensors"))
+    dcgen.save_lora(os.path.join(comfyui.dirs["loras"], "dcgen-tiny-4k-lora.safetensors"))
+    return dcgen, vae, comfy_vae, model

@@ -139,7 +139,7 @@ def test_size_not_a_multiple_of_the_latent_grid(comfyui, loaded):
         _node(comfyui, "DCGenEmptyLatent").generate(vae, 1000, 1024, 1)
     before = _fingerprint(dcgen)
     with pytest.raises(comfyui.core.errors.DCGenError, match=r"multiples of 32 .* found 1024x1010"):
-        _node(comfyui, "DCGenTimeShift").patch(dcgen, 1024, 1010)
+        _node(comfyui, "DCGenTimeShift").patch(dcgen, "model default", 1024, 1010)
     _assert_unchanged(dcgen, before)
 
 
@@ -167,7 +167,7 @@ def test_non_flux_model_into_the_patchers(comfyui, comfy_models, loaded):
     with pytest.raises(comfyui.core.errors.DCGenError, match=r"expected a FLUX model"):
         _node(comfyui, "DCGenLoraLoader").apply(sd15, comfy_models.lora, 1.0)
     with pytest.raises(comfyui.core.errors.DCGenError, match=r"expected a DC-Gen model"):
-        _node(comfyui, "DCGenTimeShift").patch(sd15, 1024, 1024)
+        _node(comfyui, "DCGenTimeShift").patch(sd15, "model default", 1024, 1024)
     _assert_unchanged(sd15, before)
 
 

@@ -71,7 +71,7 @@ def test_schedule_is_the_official_one(comfyui, comfy_models):
     sampling = model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(sampling, "simple", 20)
     assert torch.allclose(sigmas.float(), official_sigmas(20, official_shift(32, 32, 32)), atol=1e-5)
-    fixed = comfyui.runtime.node_classes["DCGenTimeShift"]().patch(model, 2048, 1024)[0]
+    fixed = comfyui.runtime.node_classes["DCGenTimeShift"]().patch(model, "model default", 2048, 1024)[0]
     sigmas = comfy.samplers.calculate_sigmas(fixed.get_model_object("model_sampling"), "simple", 20)
     assert torch.allclose(sigmas.float(), official_sigmas(20, official_shift(32, 64, 32)), atol=1e-5)
     assert fixed.model_options["dcgen"]["fixed_resolution"] == (2048, 1024)

@@ -1,7 +1,6 @@
 """DC-Gen Sampler (4K): the official 4K schedule (FLUX resolution shift) on a DC-AE-1.5 f64c128 model,
 text-to-image and img2img, against the authors' pipeline in diffusers; sizes and bad input."""
 
-import os
 
 import pytest
 import torch
@@ -10,22 +9,6 @@ import tiny
 
 IMAGE_TOL = 1e-3
 SEED, STEPS, GUIDANCE = 11, 4, 3.5
-
-
-@pytest.fixture(scope="module")
-def models_4k(comfyui):
-    dcgen = tiny.TinyDCGen(seed=3, latent_channels=128)
-    vae = tiny.tiny_dcae15()
-    tiny.save_dcae_folder(vae, os.path.join(comfyui.dirs["vae"], "dc-ae-1.5-f64c128-tiny"))
-    dcgen.save_dcgen_diffusers_folder(os.path.join(comfyui.dirs["diffusion_models"], "DC-Gen-FLUX-tiny-Res4K"))
-    nodes = comfyui.runtime.node_classes
-    comfy_vae = nodes["DCGenDCAELoader"]().load("dc-ae-1.5-f64c128-tiny", "auto")[0]
-    model = nodes["DCGenModelLoader"]().load("DC-Gen-FLUX-tiny-Res4K", "default", vae=comfy_vae)[0]
-    base = os.path.join(comfyui.dirs["diffusion_models"], "flux-tiny-base-for-4k.safetensors")
-    dcgen.save_base_single_file(base)
-    dcgen.save_embedding(os.path.join(comfyui.dirs["dcgen_embeddings"], "dcgen-tiny-4k-embedding.safetensors"))
-    dcgen.save_lora(os.path.join(comfyui.dirs["loras"], "dcgen-tiny-4k-lora.safetensors"))
-    return dcgen, vae, comfy_vae, model
 
 
 def _full_checkpoint():

@@ -171,9 +171,12 @@ def prompt_embeddings(seed: int = 3, batch: int = 1):
             torch.randn(batch, POOLED_DIM, generator=g))
 
 
-def official_shift_value(h: int, w: int, c: int) -> tuple[str, float]:
+def official_shift_value(h: int, w: int, c: int, rule: str | None = None) -> tuple[str, float]:
+    """("linear", r) with r = sqrt(tokens * C / 4096) ("flux2", the 1K models'), or ("exponential", mu) (FLUX's
+    resolution shift, the 4K models'); ``rule`` None picks by the channel count as the authors' pipelines do."""
     tokens = h * w
-    if c <= 32:
+    rule = rule or ("linear" if c <= 32 else "exponential")
+    if rule == "linear":
         return "linear", math.sqrt(tokens * c / 4096)
     m = (1.15 - 0.5) / (4096 - 256)
     return "exponential", tokens * m + (0.5 - m * 256)
@@ -182,8 +185,12 @@ def official_shift_value(h: int, w: int, c: int) -> tuple[str, float]:
 @torch.no_grad()
 def reference_images(transformer, vae, width: int, height: int, seed: int, steps: int, guidance: float,
                      cond: torch.Tensor, pooled: torch.Tensor, scaling: float | None = None, batch: int = 1,
-                     init_latents: torch.Tensor | None = None, denoise: float = 1.0):
+                     init_latents: torch.Tensor | None = None, denoise: float = 1.0, rule: str | None = None,
+                     shift_size: tuple[int, int] | None = None):
     """The authors' pipeline on diffusers modules; returns (images [B, H, W, 3] in [0, 1], final latents).
+
+    ``rule`` ("linear" / "exponential", see official_shift_value) and ``shift_size`` (width, height the shift is
+    computed for; default the sampled size) override the pipeline's choice.
 
     img2img (``init_latents`` in model space, ``denoise`` < 1): the last ``steps`` of a schedule of
     steps / denoise, starting from sigma * noise + (1 - sigma) * init.
@@ -194,7 +201,8 @@ def reference_images(transformer, vae, width: int, height: int, seed: int, steps
     c = transformer.config.in_channels
     f = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
     h, w = height // f, width // f
-    rule, value = official_shift_value(h, w, c)
+    sw, sh = shift_size or (width, height)
+    rule, value = official_shift_value(sh // f, sw // f, c, rule)
     total = steps if denoise >= 1.0 else int(steps / denoise)
     base = torch.linspace(1.0, 1.0 / total, total).numpy()
     if rule == "linear":
