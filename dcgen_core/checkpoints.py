@@ -1,9 +1,11 @@
 """Reading weight files: single safetensors, diffusers folders, sharded indexes.
 
-Only safetensors are read (never pickles). The header is validated before any
-tensor is touched so that a truncated or corrupt download gives a message that
-names the file instead of a Rust panic. Tensors come from ``safe_open`` and are
-memory-mapped, so loading a file costs page cache, not a private copy.
+Only safetensors are read (never pickles). The header and any index are validated
+before a tensor is touched, so a truncated, corrupt or inconsistent download gives a
+message that names the file instead of a Rust panic. Tensors come from ``safe_open``
+as views of the memory-mapped file; whatever a model keeps is copied into private
+memory with :func:`owned` (one tensor at a time, so a load peaks near the final
+size), so a file overwritten or truncated later cannot change or crash a loaded model.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ def read_safetensors_header(path: str) -> dict:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DCGenError(f"{path}: expected a JSON safetensors header, found unreadable bytes (corrupt file).") from e
+    if not isinstance(header, dict):
+        raise DCGenError(f"{path}: expected a safetensors header that is a JSON object, found a JSON "
+                         f"{type(header).__name__} (not a safetensors file, or corrupt).")
+    for k, v in header.items():
+        if k == "__metadata__":
+            if v is not None and not isinstance(v, dict):
+                raise DCGenError(f"{path}: expected __metadata__ to be a JSON object of strings, found a "
+                                 f"{type(v).__name__}.")
+            continue
+        offsets = v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise DCGenError(f"{path}: expected tensor '{k}' to have data_offsets [begin, end], found "
+                             f"{json.dumps(v)[:120]} (corrupt header).")
     data_size = size - 8 - n
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if end > data_size:
@@ -63,17 +79,33 @@ def read_safetensors_header(path: str) -> dict:
     return header
 
 
-def load_safetensors(path: str, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Load every tensor of one safetensors file; returns (state_dict, metadata)."""
+def load_safetensors(path: str, device: str = "cpu", copy: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load every tensor of one safetensors file; returns (state_dict, metadata).
+
+    The tensors are views of the memory-mapped file unless ``copy`` (small files kept whole: LoRAs, embeddings).
+    """
     header = read_safetensors_header(path)
     sd = {}
     try:
         with safe_open(path, framework="pt", device=device) as f:
             for k in f.keys():
-                sd[k] = f.get_tensor(k)
+                sd[k] = f.get_tensor(k).clone() if copy else f.get_tensor(k)
     except Exception as e:  # safetensors raises its own error types
         raise DCGenError(f"{path}: could not read tensors ({e}).") from e
     return sd, dict(header.get("__metadata__") or {})
+
+
+def owned(value, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor in private memory, in ``dtype``: from a view of a mapped file (copied), or from a callable that
+    computes a new tensor (a fused weight; converted, the intermediate dropped at once)."""
+    if hasattr(value, "into"):  # flux_keys.FusedTensor: built straight into the target dtype
+        return value.into(dtype)
+    fresh = callable(value)
+    t = value() if fresh else value
+    out = t.to(dtype) if dtype is not None else t
+    if out is t and not fresh:
+        out = t.clone(memory_format=torch.contiguous_format)
+    return out
 
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
@@ -93,12 +125,33 @@ def _read_json(path: str) -> dict:
         raise DCGenError(f"{path}: expected a JSON file, could not parse it ({e}).") from e
 
 
+def _index_shards(folder: str, index_name: str, names: list[str]) -> list[str]:
+    """The shards an index names, checked: inside the folder, all present, none on disk left out."""
+    path = os.path.join(folder, index_name)
+    index = _read_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise DCGenError(f"{path}: expected a diffusers index (a JSON object with a 'weight_map' of tensor name -> "
+                         f"shard file), found {json.dumps(index)[:120]}.")
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if os.path.isabs(s) or os.path.normpath(s).split(os.sep)[0] == ".."]
+    if outside:
+        raise DCGenError(f"{path}: expected shard file names inside {folder}, found {', '.join(outside[:3])} "
+                         "(refused: an index may not point outside its folder).")
+    prefix = index_name[: -len(".index.json")].rsplit(".", 1)[0]  # "diffusion_pytorch_model"
+    on_disk = [n for n in names if n.startswith(prefix) and _SHARD.search(n)]
+    left_out = sorted(set(on_disk) - set(shards))
+    if left_out:
+        raise DCGenError(f"{path}: expected it to list every shard in the folder, found {len(left_out)} it leaves out "
+                         f"({', '.join(left_out[:3])}): the index and the shards are from different downloads.")
+    return shards
+
+
 def _folder_weights(folder: str) -> list[str]:
     names = sorted(os.listdir(folder))
     for index_name in names:
         if index_name.endswith(".safetensors.index.json"):
-            index = _read_json(os.path.join(folder, index_name))
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            shards = _index_shards(folder, index_name, names)
             missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
             if missing:
                 raise DCGenError(
@@ -140,9 +193,14 @@ def load_checkpoint(path: str, component: str | None = None) -> Checkpoint:
             files = _folder_weights(folder)
     else:
         raise DCGenError(f"{path}: expected a safetensors file or a diffusers folder, found nothing at that path.")
-    sd, metadata = {}, {}
+    sd, metadata, origin = {}, {}, {}
     for f in files:
         part, meta = load_safetensors(f)
+        twice = sorted(set(part) & set(sd))
+        if twice:
+            raise DCGenError(f"{f}: expected each tensor in one shard only, found {len(twice)} also in "
+                             f"{origin[twice[0]]} (e.g. '{twice[0]}'); refused rather than picking one.")
+        origin.update(dict.fromkeys(part, os.path.basename(f)))
         sd.update(part)
         metadata.update(meta)
     config_path = os.path.join(folder, "config.json")

@@ -195,3 +195,11 @@ def check_embedding_for_model(
         raise mismatch(source, f"{latent_channels} latent channels (the selected DC-AE VAE)",
                        f"{emb.latent_channels} (an embedding for a DC-AE with {emb.latent_channels} channels)",
                        "Use the VAE this embedding was trained with (f32c32 -> 32, f64c128 -> 128, f128c512 -> 512).")
+
+
+def load_aligned_embedding(path: str) -> AlignedEmbedding:
+    """An aligned-embedding file, read into private memory (a model keeps these tensors)."""
+    from .checkpoints import load_safetensors
+
+    sd, _ = load_safetensors(path, copy=True)
+    return parse_aligned_embedding(sd, source=path)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import previews
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, owned
 from .comfy_compat import archive_weight_dtypes, flux_model_keys, flux_params_kwargs, make_model_patcher
 from .comfy_vae import check_resolution, require_dcae
 from .embedding import AlignedEmbedding, check_embedding_for_model
@@ -436,8 +436,9 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
                      disable_dynamic: bool = False):
     """A ComfyUI FLUX ModelPatcher for a BFL-keyed state dict of any width/depth/channel count.
 
-    The model is built on the meta device and the (memory-mapped) tensors are
-    assigned, so no second copy of the weights is made when dtypes agree.
+    The model is built on the meta device and each tensor (a view of the mapped file, or a
+    :class:`~.flux_keys.FusedTensor`) is copied into private memory in the weight dtype and assigned, one at a
+    time, so the peak private memory of a load stays near the final model size.
     """
     import comfy.model_detection
     import comfy.model_management as mm
@@ -472,7 +473,8 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
             f"{source}: expected the keys of a FLUX transformer with {cfg.depth} double / {cfg.depth_single_blocks} "
             f"single blocks, found missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}."
         )
-    dm.load_state_dict({k: v.to(unet_dtype) for k, v in sd_bfl.items()}, strict=True, assign=True)
+    # owned memory, one tensor at a time: the model never stays backed by the file, and a load peaks near its size
+    dm.load_state_dict({k: owned(sd_bfl.pop(k), unet_dtype) for k in list(sd_bfl)}, strict=True, assign=True)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise DCGenError(f"{source}: internal error, tensors left unloaded: {leftovers[:4]}")
@@ -496,8 +498,9 @@ def load_flux_transformer(path: str, weight_dtype: str = "default", vae=None):
 def _load_flux_patcher(path: str, weight_dtype: str, vae=None, disable_dynamic: bool = False):
     ckpt = load_checkpoint(path, component="transformer")
     sd = strip_prefix(ckpt.state_dict)
+    del ckpt.state_dict
     if is_diffusers_flux(sd):
-        sd = diffusers_to_bfl(sd)
+        sd = diffusers_to_bfl(sd, lazy=True)
     elif not is_bfl_flux(sd):
         sample = ", ".join(sorted(sd)[:3])
         raise DCGenError(f"{path}: expected a FLUX transformer (diffusers or BFL/ComfyUI keys), found keys like {sample}.")

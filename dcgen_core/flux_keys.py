@@ -222,12 +222,39 @@ def swap_scale_shift(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def diffusers_to_bfl(sd: dict, strict: bool = True) -> dict:
+class FusedTensor:
+    """A BFL weight made of diffusers rows (fused q/k/v(/mlp), or swapped scale/shift halves), not yet built:
+    ``shape``/``dtype`` without a copy, the tensor when called, or built straight into another dtype by
+    ``into`` (each part copied into its rows: no full-size intermediate in the file's dtype). Loaders build
+    one at a time while they fill the model (see checkpoints.owned)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.shape = torch.Size([sum(p.shape[0] for p in parts), *parts[0].shape[1:]])
+        self.dtype = parts[0].dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def into(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.parts[0].device)
+        row = 0
+        for p in self.parts:
+            out[row:row + p.shape[0]].copy_(p)
+            row += p.shape[0]
+        return out
+
+    def __call__(self) -> torch.Tensor:
+        return self.into()
+
+
+def diffusers_to_bfl(sd: dict, strict: bool = True, lazy: bool = False) -> dict:
     """Convert a diffusers ``FluxTransformer2DModel`` state dict to the BFL/ComfyUI layout.
 
     Wrapper prefixes are stripped first. Unfused tensors are passed through as the same
     objects; fused ones (``img_attn.qkv``, ``txt_attn.qkv``, single ``linear1``) are
-    concatenated along dim 0 in the order q, k, v(, mlp). With ``strict`` (default) a key
+    concatenated along dim 0 in the order q, k, v(, mlp), or with ``lazy`` left as
+    :class:`FusedTensor` for the loader. With ``strict`` (default) a key
     that is not part of FLUX raises DCGenError; otherwise it is passed through unchanged.
     """
     sd = strip_prefix(sd)
@@ -246,7 +273,8 @@ def diffusers_to_bfl(sd: dict, strict: bool = True) -> dict:
             fused.setdefault(bkey, {})[target.part] = t
             fused_parts[bkey] = 4 if target.single else 3
         elif target.swap:
-            out[bkey] = swap_scale_shift(t)
+            halves = FusedTensor(list(t.chunk(2, dim=0))[::-1])  # = swap_scale_shift(t)
+            out[bkey] = halves if lazy else halves()
         else:
             out[bkey] = t
     if unknown:
@@ -265,7 +293,8 @@ def diffusers_to_bfl(sd: dict, strict: bool = True) -> dict:
             raise mismatch(f"diffusers FLUX state dict ({bkey})",
                            f"all {n} parts ({names[n]})", f"parts {sorted(parts)}",
                            "The checkpoint is incomplete.")
-        out[bkey] = torch.cat([parts[i] for i in range(n)], dim=0)
+        fused_tensor = FusedTensor([parts[i] for i in range(n)])
+        out[bkey] = fused_tensor if lazy else fused_tensor()
     return out
 
 

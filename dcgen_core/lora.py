@@ -43,18 +43,65 @@ def module_of(key: str) -> str | None:
     return None
 
 
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
 def _alpha_from(path: str, metadata: dict) -> float | None:
-    cfg = None
+    """``lora_alpha`` from the header (diffusers' ``lora_adapter_metadata``), or from ``adapter_config.json`` when
+    the file is a PEFT adapter folder's own ``adapter_model.safetensors`` (never for other LoRAs in that folder)."""
+    cfg, where = None, None
     if metadata.get("lora_adapter_metadata"):
-        cfg = json.loads(metadata["lora_adapter_metadata"])
-    else:
-        beside = os.path.join(os.path.dirname(path), "adapter_config.json")
+        where = f"{path} (header metadata 'lora_adapter_metadata')"
+        try:
+            cfg = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError as e:
+            raise DCGenError(f"{where}: expected a JSON object like {{\"lora_alpha\": 16, \"r\": 16}}, found "
+                             f"unparsable text ({e}).") from e
+    elif os.path.basename(path) == PEFT_WEIGHTS:
+        beside = os.path.join(os.path.dirname(path), PEFT_CONFIG)
         if os.path.isfile(beside):
-            with open(beside, encoding="utf-8") as f:
-                cfg = json.load(f)
-    if cfg and cfg.get("lora_alpha") is not None:
-        return float(cfg["lora_alpha"])
-    return None
+            where = beside
+            try:
+                with open(beside, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise DCGenError(f"{beside}: expected the PEFT adapter config of {path}, could not read it ({e}).") from e
+    if cfg is None:
+        return None
+    if not isinstance(cfg, dict):
+        raise DCGenError(f"{where}: expected a JSON object with 'lora_alpha', found a {type(cfg).__name__}.")
+    alpha = cfg.get("lora_alpha")
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise DCGenError(f"{where}: expected 'lora_alpha' to be a positive number, found {alpha!r}.")
+    return float(alpha)
+
+
+_DOWN = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", "_lora.down.weight",
+         ".lora_linear_layer.down.weight")
+_UP = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight", "_lora.up.weight", ".lora_linear_layer.up.weight")
+
+
+def check_lora_pairs(sd: dict, source: str):
+    """Every low-rank module has its down (A) and up (B) matrix, with the same rank."""
+    downs, ups = {}, {}
+    for k, v in sd.items():
+        for suffixes, found in ((_DOWN, downs), (_UP, ups)):
+            for suffix in suffixes:
+                if k.endswith(suffix):
+                    found[k[: -len(suffix)]] = (k, v)
+    for module in sorted(set(downs) ^ set(ups)):
+        key, _ = downs.get(module) or ups.get(module)
+        missing = "up (lora_B)" if module in downs else "down (lora_A)"
+        raise DCGenError(f"{source}: expected a {missing} matrix for '{key}', found none (an unpaired LoRA entry; "
+                         "the file is incomplete or not a LoRA).")
+    for module in sorted(downs):
+        (dk, d), (uk, u) = downs[module], ups[module]
+        if d.ndim != 2 or u.ndim != 2 or d.shape[0] != u.shape[1]:
+            raise DCGenError(f"{source}: expected '{dk}' [rank, in] and '{uk}' [out, rank] of the same rank, found "
+                             f"{list(d.shape)} and {list(u.shape)}.")
 
 
 def normalize_lora(sd: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
@@ -112,8 +159,9 @@ def flux_lora_key_map(model_keys, cfg) -> dict:
 
 def read_lora_file(path: str):
     """(normalized LoRA state dict, AlignedEmbedding or None) from a LoRA safetensors file."""
-    sd, metadata = load_safetensors(path)
+    sd, metadata = load_safetensors(path, copy=True)  # the patches outlive the file's contents
     emb, rest = extract_aligned_embedding(sd, source=path)
+    check_lora_pairs(rest, path)
     return normalize_lora(rest, _alpha_from(path, metadata)), emb
 
 
@@ -197,3 +245,33 @@ def apply_lora(model, path: str, strength: float = 1.0, vae=None):
             raise DCGenError(f"{path}: expected every LoRA target to exist in the model, found {len(skipped)} "
                              f"that do not, e.g. {skipped[:3]}.")
     return m
+
+
+def save_lora(path: str, lora: dict[str, torch.Tensor], alpha: float | None = None, metadata: dict | None = None):
+    """Write a LoRA that core LoRA loaders and ours read the same way.
+
+    ``lora``: diffusers module paths (``transformer_blocks.0.attn.to_q``) -> (down [r, in], up [out, r]), or
+    already-named tensors. Keys are ``transformer.<module>.lora_A/B.weight`` with a ``transformer.<module>.alpha``
+    per module (ComfyUI's LoRA reader takes alpha from that key; PEFT's ``lora_alpha`` is also written to the
+    header for diffusers/PEFT readers).
+    """
+    from safetensors.torch import save_file
+
+    out = {}
+    for module, value in lora.items():
+        if isinstance(value, tuple):
+            down, up = value
+            name = module if module.startswith("transformer.") else f"transformer.{module}"
+            out[f"{name}.lora_A.weight"] = down.contiguous()
+            out[f"{name}.lora_B.weight"] = up.contiguous()
+            if alpha is not None:
+                out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        else:
+            out[module] = value.contiguous()
+    meta = dict(metadata or {})
+    if alpha is not None:
+        ranks = {v[0].shape[0] for v in lora.values() if isinstance(v, tuple)}
+        meta["lora_adapter_metadata"] = json.dumps({"lora_alpha": float(alpha), "r": max(ranks) if ranks else None})
+    check_lora_pairs(out, path)
+    save_file(out, path, metadata=meta)
+    return path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .comfy_vae import check_resolution, require_dcae
+from .comfy_vae import require_dcae
 from .errors import DCGenError
 from .flux import check_latent_channels, check_size_for_model, require_dcgen
 

@@ -3,8 +3,7 @@
 from ..dcgen_core import comfy_paths
 from ..dcgen_core.comfy_vae import load_comfy_vae
 from ..dcgen_core.dcae import VARIANTS
-from ..dcgen_core.embedding import parse_aligned_embedding
-from ..dcgen_core.checkpoints import load_safetensors
+from ..dcgen_core.embedding import load_aligned_embedding
 from ..dcgen_core.flux import WEIGHT_DTYPES, apply_aligned_embedding, load_flux_transformer
 from ..dcgen_core.lora import apply_lora
 
@@ -74,8 +73,7 @@ class DCGenApplyAlignedEmbedding:
 
     def apply(self, model, embedding_name, vae=None):
         path = comfy_paths.full_path(comfy_paths.EMBEDDINGS, embedding_name)
-        sd, _ = load_safetensors(path)
-        return (apply_aligned_embedding(model, parse_aligned_embedding(sd, source=path), vae=vae),)
+        return (apply_aligned_embedding(model, load_aligned_embedding(path), vae=vae),)
 
 
 class DCGenLoraLoader:

@@ -143,3 +143,62 @@ def test_applied_through_weight_patching(comfyui, base_model, comfy_models):
     finally:
         model.unpatch_model()
     assert torch.equal(base_model.model_state_dict()[key], original)
+
+
+def test_adapter_config_belongs_to_its_adapter_only(comfyui, base_model, tiny_dcgen, expected):
+    """A PEFT folder's adapter_config.json gives alpha to its adapter_model.safetensors, never to another
+    metadata-less LoRA that happens to sit in the same folder."""
+    lora = tiny_dcgen.lora
+    peft = _write(comfyui, "shared/adapter_model.safetensors", _peft(lora),
+                  adapter_config={"r": tiny.LORA_RANK, "lora_alpha": tiny.LORA_ALPHA})
+    other = _write(comfyui, "shared/other.safetensors", lora)  # no alpha anywhere: scale 1 per ComfyUI's rule
+    node = comfyui.runtime.node_classes["DCGenLoraLoader"]()
+    base_sd = base_model.model_state_dict()
+    got_peft = _patched_weights(node.apply(base_model, peft, 1.0)[0])
+    got_other = _patched_weights(node.apply(base_model, other, 1.0)[0])
+    scale = tiny.LORA_ALPHA / tiny.LORA_RANK
+    assert scale != 1.0
+    for k, v in expected.items():
+        assert torch.allclose(got_peft[k], v, atol=1e-5), k
+        assert torch.allclose(got_other[k], base_sd[k] + (v - base_sd[k]) / scale, atol=1e-4), k
+
+
+@pytest.mark.parametrize("case", ["metadata-not-json", "metadata-list", "alpha-text", "rank-mismatch", "unpaired"])
+def test_malformed_lora_files_name_the_file_and_key(comfyui, base_model, tiny_dcgen, case):
+    lora = dict(tiny_dcgen.lora)
+    meta = None
+    first = next(k for k in lora if k.endswith(".lora_A.weight"))
+    if case == "metadata-not-json":
+        meta, expect = {"lora_adapter_metadata": "{lora_alpha: 16"}, "lora_adapter_metadata"
+    elif case == "metadata-list":
+        meta, expect = {"lora_adapter_metadata": "[16]"}, "expected a JSON object"
+    elif case == "alpha-text":
+        meta, expect = {"lora_adapter_metadata": json.dumps({"lora_alpha": "sixteen"})}, "lora_alpha"
+    elif case == "rank-mismatch":
+        lora[first] = lora[first][:-1]
+        expect = first
+    else:
+        del lora[first.replace(".lora_A.", ".lora_B.")]
+        expect = first
+    name = _write(comfyui, f"malformed/{case}.safetensors", lora, metadata=meta)
+    before = dict(base_model.patches)
+    with pytest.raises(comfyui.core.errors.DCGenError) as err:
+        comfyui.runtime.node_classes["DCGenLoraLoader"]().apply(base_model, name, 1.0)
+    assert name.split("/")[-1] in str(err.value) and expect in str(err.value)
+    assert base_model.patches == before
+
+
+def test_written_loras_read_the_same_in_core_and_pack_loaders(comfyui, base_model, tiny_dcgen, expected, tmp_path):
+    """save_lora's files (alpha per module + header) give the same patched weights through core's
+    LoraLoaderModelOnly as through ours."""
+    lora = {k[len("transformer."):-len(".lora_A.weight")]: (v, tiny_dcgen.lora[k.replace(".lora_A.", ".lora_B.")])
+            for k, v in tiny_dcgen.lora.items() if k.endswith(".lora_A.weight")}
+    path = os.path.join(comfyui.dirs["loras"], "written-by-pack.safetensors")
+    comfyui.core.lora.save_lora(path, lora, alpha=tiny.LORA_ALPHA)
+    ours = _patched_weights(comfyui.runtime.node_classes["DCGenLoraLoader"]().apply(
+        base_model, "written-by-pack.safetensors", 1.0)[0])
+    core = _patched_weights(comfyui.runtime.node_classes["LoraLoaderModelOnly"]().load_lora_model_only(
+        base_model, "written-by-pack.safetensors", 1.0)[0])
+    assert set(core) == set(ours) == set(expected)
+    for k, v in expected.items():
+        assert torch.allclose(ours[k], v, atol=1e-5) and torch.allclose(core[k], v, atol=1e-5), k

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from ..checkpoints import load_checkpoint
+from ..checkpoints import load_checkpoint, owned
 from ..errors import DCGenError, mismatch
 from .config import VARIANTS, DCAEConfig
 from .convert import convert_original_to_diffusers, is_original_layout
@@ -334,5 +334,6 @@ def load_dcae(path: str, variant: str = "auto", dtype: torch.dtype = torch.float
     with torch.device("meta"):
         model = DCAE(config)
     _check_keys(model, sd, path)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # private copies in the target dtype, one at a time (the file may change or vanish while the VAE is cached)
+    model.load_state_dict({k: owned(sd.pop(k), dtype) for k in list(sd)}, strict=True, assign=True)
+    return model.to(device=device).eval().requires_grad_(False)
