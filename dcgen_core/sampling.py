@@ -8,51 +8,54 @@ from __future__ import annotations
 
 import torch
 
-from .comfy_vae import require_dcae
+from .comfy_vae import check_empty_latent_fits, require_dcae
 from .errors import DCGenError
-from .flux import check_latent_channels, check_size_for_model, require_dcgen
+from .flux import NATIVE_RESOLUTION, check_latent_channels, check_size_for_model, require_dcgen
 
-SIZE_PRESETS = {
-    "custom (width x height)": None,
-    "4096x4096 (1:1, 4K)": (4096, 4096),
-    "4096x2304 (16:9)": (4096, 2304),
-    "2304x4096 (9:16)": (2304, 4096),
-    "4096x3072 (4:3)": (4096, 3072),
-    "3072x4096 (3:4)": (3072, 4096),
-    "3072x3072 (1:1)": (3072, 3072),
-    "2048x2048 (1:1, 2K)": (2048, 2048),
-    "2048x1152 (16:9)": (2048, 1152),
-    "1024x1024 (1:1, 1K)": (1024, 1024),
-}
-
-
-def resolve_size(preset: str, width: int, height: int) -> tuple[int, int]:
-    if preset not in SIZE_PRESETS:
-        raise DCGenError(f"size: expected one of {list(SIZE_PRESETS)}, found '{preset}'.")
-    return SIZE_PRESETS[preset] or (width, height)
+def resolve_size(info: dict, width: int, height: int, latent: dict | None) -> tuple[int, int]:
+    """width x height to sample: 0 x 0 = the connected LATENT's size (img2img) or else the model's native size."""
+    f = info["spatial_compression"]
+    if latent is not None:
+        samples = latent["samples"]
+        check_latent_channels(samples, info["latent_channels"])
+        lw, lh = samples.shape[-1] * f, samples.shape[-2] * f
+        if (width, height) not in ((0, 0), (lw, lh)):
+            raise DCGenError(f"width/height: expected 0 x 0 (the connected LATENT's size) or its {lw}x{lh}, found "
+                             f"{width}x{height}. The LATENT decides the size of img2img; resize it first (e.g. "
+                             "upscale the image and encode it with the DC-AE) to refine at another size.")
+        return lw, lh
+    if width == 0 and height == 0:
+        native = NATIVE_RESOLUTION[info["latent_channels"]]
+        return native, native
+    if width == 0 or height == 0:
+        raise DCGenError(f"width/height: expected both 0 (the model's native size) or both set, found "
+                         f"{width}x{height}.")
+    return width, height
 
 
 def sample(model, positive, width: int, height: int, steps: int, guidance: float, seed: int, sampler_name: str,
-           scheduler: str, denoise: float = 1.0, latent: dict | None = None, vae=None, negative=None):
-    """(LATENT, IMAGE or None): sample ``model`` at width x height, or refine ``latent`` (img2img)."""
+           scheduler: str, denoise: float = 1.0, latent: dict | None = None, vae=None, negative=None,
+           batch_size: int = 1):
+    """(LATENT, IMAGE or None): sample ``model`` at width x height (0 x 0: native), or refine ``latent``."""
     import node_helpers
     import nodes
 
     info = require_dcgen(model)
     f = info["spatial_compression"]
-    if latent is not None:
-        samples = latent["samples"]
-        check_latent_channels(samples, info["latent_channels"])
-        width, height = samples.shape[-1] * f, samples.shape[-2] * f
+    width, height = resolve_size(info, width, height, latent)
     check_size_for_model(info, width, height)
-    if latent is None:
-        import comfy.model_management as mm
-
-        latent = {"samples": torch.zeros(1, info["latent_channels"], height // f, width // f,
-                                         device=mm.intermediate_device())}
+    if latent is not None and batch_size not in (1, latent["samples"].shape[0]):
+        raise DCGenError(f"batch_size: expected 1 or the connected LATENT's batch {latent['samples'].shape[0]}, "
+                         f"found {batch_size}.")
     if vae is not None and require_dcae(vae).latent_channels != info["latent_channels"]:
         raise DCGenError(f"vae: expected the {info['latent_channels']}-channel DC-AE of this model, found "
                          f"'{vae.dcae_config.variant}' with {vae.dcae_config.latent_channels} channels.")
+    if latent is None:
+        import comfy.model_management as mm
+
+        check_empty_latent_fits(batch_size, info["latent_channels"], width, height, f, "DC-Gen Sampler")
+        latent = {"samples": torch.zeros(batch_size, info["latent_channels"], height // f, width // f,
+                                         device=mm.intermediate_device())}
     positive = node_helpers.conditioning_set_values(positive, {"guidance": guidance})
     # guidance-distilled FLUX runs at cfg 1: the negative is never evaluated
     (out,) = nodes.common_ksampler(model, seed, steps, 1.0, sampler_name, scheduler, positive,

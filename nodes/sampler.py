@@ -1,13 +1,13 @@
 """The DC-Gen sampler node (text-to-image and img2img up to 4096x4096)."""
 
-from ..dcgen_core.sampling import SIZE_PRESETS, resolve_size, sample
+from ..dcgen_core.sampling import sample
 from .latent import MAX_RESOLUTION
 
 
 class DCGenSampler:
     DESCRIPTION = ("Sample a DC-Gen model with the official schedule (euler/simple, time shift for the size, FLUX "
-                   "guidance). Presets up to 4096x4096, or any size on the DC-AE grid. Connect a LATENT for "
-                   "img2img (its size wins); connect the DC-AE VAE to also get the IMAGE.")
+                   "guidance), at the model's native size (1024 or 4096) or any size on its DC-AE grid. Connect a "
+                   "LATENT for img2img (width/height 0 then follow it); connect the DC-AE VAE to also get the IMAGE.")
     CATEGORY = "DC-Gen/sampling"
     RETURN_TYPES = ("LATENT", "IMAGE")
     RETURN_NAMES = ("latent", "image")
@@ -17,19 +17,24 @@ class DCGenSampler:
     def INPUT_TYPES(cls):
         import comfy.samplers
 
-        size = {"default": 4096, "min": 64, "max": MAX_RESOLUTION, "step": 64,
-                "tooltip": "Used with the custom preset: multiples of the DC-AE f (64 for the 4K model)."}
+        size = {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 32,
+                "tooltip": "Image size in pixels. 0 x 0: the model's native size (1024 for the 1K model, 4096 for the "
+                           "4K model), or the connected LATENT's size. Otherwise a multiple of the model's DC-AE f "
+                           "(32 for 1K, 64 for 4K) within its range (1K model: up to 2048 per side)."}
         return {"required": {
             "model": ("MODEL", {"tooltip": "A DC-Gen model (Load DC-Gen Diffusion Model, or FLUX + embedding + LoRA)."}),
-            "positive": ("CONDITIONING",),
-            "size": (list(SIZE_PRESETS), {"default": "4096x4096 (1:1, 4K)"}),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode (FLUX's CLIP-L + T5-XXL)."}),
             "width": ("INT", size),
             "height": ("INT", size),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 1000}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "Images per run (with a LATENT: 1, or its batch)."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps (official: 20)."}),
             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
                                    "tooltip": "FLUX guidance embedding (the official value is 3.5)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "Noise seed (the same noise as KSampler with this seed)."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler",
+                                                                "tooltip": "euler = the official sampler."}),
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple",
                                                               "tooltip": "simple = the official linspace schedule."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -39,11 +44,10 @@ class DCGenSampler:
             "vae": ("VAE", {"tooltip": "The model's DC-AE: also decode to IMAGE (tiles when memory is short)."}),
         }}
 
-    def run(self, model, positive, size, width, height, steps, guidance, seed, sampler_name, scheduler, denoise,
-            latent=None, vae=None):
-        width, height = resolve_size(size, width, height)
+    def run(self, model, positive, width, height, batch_size, steps, guidance, seed, sampler_name, scheduler,
+            denoise, latent=None, vae=None):
         return sample(model, positive, width, height, steps, guidance, seed, sampler_name, scheduler, denoise,
-                      latent=latent, vae=vae)
+                      latent=latent, vae=vae, batch_size=batch_size)
 
 
 SAMPLER_NODES = {"DCGenSampler": (DCGenSampler, "DC-Gen Sampler (4K)")}

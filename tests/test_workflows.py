@@ -25,7 +25,6 @@ ALL = sorted(glob.glob(os.path.join(WORKFLOWS, "*.json")))
 # combo widgets that list model files: their values name files users download
 FILE_WIDGETS = {"vae_name", "unet_name", "lora_name", "embedding_name", "clip_name1", "clip_name2",
                 "control_net_name", "model_name"}
-CUSTOM = "custom (width x height)"  # the DC-Gen Sampler's size preset that reads width/height
 
 
 def _load(path):
@@ -121,9 +120,9 @@ def _run(comfyui, wf, overrides):
     comfyui.runtime.executor.reset()
     try:
         prompt = workflow_to_prompt(wf, classes)
-        for node in prompt.values():
-            for (type_, name), value in overrides.items():
-                if node["class_type"] == type_:
+        for node_id, node in prompt.items():
+            for (target, name), value in overrides.items():  # target: a class type, or "#<node id>"
+                if target in (node["class_type"], f"#{node_id}"):
                     node["inputs"][name] = value
         return comfyui.runtime.run(prompt)
     finally:
@@ -185,7 +184,7 @@ def test_4k_workflow_runs_headless(comfyui, dcgen_4k):
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-4k-t2i.json"))
     _place_dcgen(comfyui, _widget(wf, "DCGenModelLoader", 0), _widget(wf, "DCGenDCAELoader", 0), *dcgen_4k)
     _text_encoders(comfyui, wf, (tiny.TEXT_DIM, tiny.POOLED_DIM))
-    outputs = _run(comfyui, wf, {("DCGenSampler", "size"): CUSTOM, ("DCGenSampler", "width"): 256,
+    outputs = _run(comfyui, wf, {("DCGenSampler", "width"): 256,
                                  ("DCGenSampler", "height"): 192, ("DCGenSampler", "steps"): 2})
     _assert_saved_image(comfyui, outputs, (256, 192))
 
@@ -205,8 +204,9 @@ def test_upscale_refine_workflow_runs_headless(comfyui, tiny_dcgen, tiny_vae, dc
     assert comfyui.runtime.node_classes["UpscaleModelLoader"]().load_model(upscaler)[0].scale == 4
     _text_encoders(comfyui, wf, (tiny.TEXT_DIM, tiny.POOLED_DIM))
     # draft 128x64 -> upscaled 512x256 -> scaled 384x256 (a multiple of the 4K DC-AE's 64) -> refined 384x256
-    outputs = _run(comfyui, wf, {("DCGenSampler", "size"): CUSTOM, ("DCGenSampler", "width"): 128,
-                                 ("DCGenSampler", "height"): 64, ("DCGenSampler", "steps"): 2,
+    draft = next(f"#{n['id']}" for n in wf["nodes"] if n["type"] == "DCGenSampler" and
+                 not any(i["name"] == "latent" and i.get("link") is not None for i in n["inputs"]))
+    outputs = _run(comfyui, wf, {(draft, "width"): 128, (draft, "height"): 64, ("DCGenSampler", "steps"): 2,
                                  ("ImageScale", "width"): 384, ("ImageScale", "height"): 256})
     _assert_saved_image(comfyui, outputs, (384, 256))
 
@@ -222,7 +222,7 @@ def test_controlnet_chain_workflow_runs_headless(comfyui, tiny_vae, flux_full_wi
     _place(comfyui, "controlnet", _widget(wf, "ControlNetLoader", 0), _linked(flux_controlnet_file))
     _place(comfyui, "vae", _widget(wf, "VAELoader", 0), _linked(flux_vae_file))
     _text_encoders(comfyui, wf, tiny.FULL_TEXT_DIMS)
-    outputs = _run(comfyui, wf, {("DCGenSampler", "size"): CUSTOM, ("DCGenSampler", "width"): 96,
+    outputs = _run(comfyui, wf, {("DCGenSampler", "width"): 96,
                                  ("DCGenSampler", "height"): 64, ("DCGenSampler", "steps"): 2,
                                  ("EmptySD3LatentImage", "width"): 96, ("EmptySD3LatentImage", "height"): 64,
                                  ("KSampler", "steps"): 2})
