@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import signal
 import sys
 import uuid
 
@@ -62,6 +63,37 @@ def comfyui_version_at(path: str) -> str:
 def comfyui_available(path: str | None = None) -> bool:
     path = path or comfyui_path()
     return os.path.isfile(os.path.join(path, "nodes.py")) and os.path.isdir(os.path.join(path, "comfy"))
+
+
+class Interrupted(RuntimeError):
+    """The prompt was cancelled (Ctrl-C in the headless runner, ``ComfyRuntime.interrupt``)."""
+
+
+#: Called with (node_id, step, total) on every progress step; set by the headless runner to print progress.
+progress_listeners: list = []
+
+
+def _install_progress_hook():
+    """ComfyUI's progress hook, as its server installs it: every progress step (sampler steps, DC-AE tiles) checks
+    for an interrupt, so Cancel / Ctrl-C stops a long run between steps, and reports to ``progress_listeners``."""
+    import comfy.model_management
+    import comfy.utils
+
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        def get_executing_context():
+            return None
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        context = get_executing_context()
+        if node_id is None and context is not None:
+            node_id = context.node_id
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        for listener in list(progress_listeners):
+            listener(node_id, value, total)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
 
 
 class _HeadlessServer:
@@ -130,11 +162,21 @@ class ComfyRuntime:
             raise RuntimeError(f"ComfyUI rejected the prompt: {error}\n{json.dumps(node_errors, indent=1, default=str)}")
         return outputs
 
+    def interrupt(self):
+        """Cancel the running prompt at its next progress step, as the server's Cancel button does."""
+        self.nodes.interrupt_processing(True)
+
     def run(self, prompt: dict) -> dict:
         """Validate and execute an API-format prompt; returns the history outputs."""
         outputs = self.validate(prompt)
         self.server.messages.clear()
+        self.nodes.interrupt_processing(False)
         self.executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
+        interrupted = [d for e, d in self.executor.status_messages if e == "execution_interrupted"]
+        if interrupted:
+            d = interrupted[0]
+            raise Interrupted(f"interrupted in node {d.get('node_id')} ({d.get('node_type')}); "
+                              f"{len(d.get('executed', []))} node(s) had finished.")
         if not self.executor.success:
             errors = [d for e, d in self.executor.status_messages if e == "execution_error"]
             if errors:
@@ -184,6 +226,7 @@ def boot(path: str | None = None, cpu: bool = True, output_dir: str | None = Non
         asyncio.set_event_loop(loop)
         loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         _load_pack(nodes, loop)
+        _install_progress_hook()
         _runtime = ComfyRuntime(path, server)
     import folder_paths
 
@@ -193,6 +236,20 @@ def boot(path: str | None = None, cpu: bool = True, output_dir: str | None = Non
         for d in dirs:
             folder_paths.add_model_folder_path(kind, d, is_default=True)
     return _runtime
+
+
+MODEL_KINDS = ("diffusion_models", "vae", "loras", "dcgen_embeddings", "text_encoders", "clip", "upscale_models",
+               "controlnet", "checkpoints")
+
+
+def model_dirs_under(roots) -> dict[str, list[str]]:
+    """``{kind: [root/kind, ...]}`` for model folders laid out like ComfyUI's ``models/``."""
+    dirs: dict[str, list[str]] = {}
+    for root in roots:
+        for kind in MODEL_KINDS:
+            if os.path.isdir(os.path.join(root, kind)):
+                dirs.setdefault(kind, []).append(os.path.join(root, kind))
+    return dirs
 
 
 def _init_aimdo(args):
@@ -300,10 +357,12 @@ def main(argv=None):
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or ~/ComfyUI)")
     parser.add_argument("--gpu", action="store_true", help="use the GPU (default: --cpu)")
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--model-dir", action="append", default=[], metavar="PATH",
+                        help="extra model folder laid out like ComfyUI's models/ (diffusion_models/, vae/, loras/, ...)")
     parser.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=JSON",
                         help="override an input, e.g. --set 3.steps=4 --set 9.unet_name='\"x.safetensors\"'")
     a = parser.parse_args(argv)
-    runtime = boot(a.comfyui, cpu=not a.gpu, output_dir=a.output_dir)
+    runtime = boot(a.comfyui, cpu=not a.gpu, output_dir=a.output_dir, model_dirs=model_dirs_under(a.model_dir))
     with open(a.workflow, encoding="utf-8") as f:
         wf = json.load(f)
     prompt = workflow_to_prompt(wf, runtime.node_classes) if "nodes" in wf else wf
@@ -314,9 +373,31 @@ def main(argv=None):
             prompt[node_id]["inputs"][name] = json.loads(value)
         except json.JSONDecodeError:
             prompt[node_id]["inputs"][name] = value
-    outputs = runtime.run(prompt)
+    types = {k: v.get("class_type") for k, v in prompt.items()}
+
+    def show_progress(node_id, step, total):
+        print(f"  {types.get(str(node_id), '?')} #{node_id}: {step}/{total}", file=sys.stderr, flush=True)
+
+    progress_listeners.append(show_progress)
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # first Ctrl-C cancels like the Cancel button; a second one kills
+        print("interrupting at the next step (Ctrl-C again to kill)...", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, previous)
+        runtime.interrupt()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        outputs = runtime.run(prompt)
+    except Interrupted as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress_listeners.remove(show_progress)
     print(json.dumps(outputs, indent=1, default=str))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
