@@ -44,9 +44,25 @@ class ComfyDCAE(torch.nn.Module):
         self.dcae = dcae
 
     def encode(self, x, **options):
+        cfg = self.dcae.config
+        f = cfg.spatial_compression
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise DCGenError(f"VAE Encode ({cfg.variant}): expected RGB images, found a tensor of shape "
+                             f"{list(x.shape)} (channels first).")
+        if x.shape[-1] % f or x.shape[-2] % f:
+            w, h = x.shape[-1], x.shape[-2]
+            raise DCGenError(f"VAE Encode ({cfg.variant}): expected width and height that are multiples of {f}, "
+                             f"found {w}x{h}. Scale the image to e.g. {max(f, round(w / f) * f)}x"
+                             f"{max(f, round(h / f) * f)} first (core Upscale Image).")
         return self.dcae.encode(x, tiled=None)
 
     def decode(self, z, **options):
+        cfg = self.dcae.config
+        if z.ndim != 4 or z.shape[1] != cfg.latent_channels:
+            found = f"{z.shape[1]} channels (shape {list(z.shape)})" if z.ndim == 4 else f"shape {list(z.shape)}"
+            raise DCGenError(f"VAE Decode ({cfg.variant}): expected a DC-AE latent with {cfg.latent_channels} "
+                             f"channels, found {found}: a latent of another model (e.g. FLUX's 16 channels). "
+                             f"Decode it with that model's VAE.")
         return self.dcae.decode(z, tiled=None)
 
 

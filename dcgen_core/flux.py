@@ -235,7 +235,9 @@ def _dcgen_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, *
         if latent_image.ndim == 4:  # the model's size range on every sampling path, before the first step
             f = info["spatial_compression"]
             check_size_for_model(info, latent_image.shape[-1] * f, latent_image.shape[-2] * f)
-        reject_controlnets(getattr(guider, "conds", {}) or {})
+        conds = getattr(guider, "conds", {}) or {}
+        reject_controlnets(conds)
+        check_text_widths(conds, guider.model_patcher.get_model_object("diffusion_model"))
         configured = getattr(guider.model_patcher.get_model_object("model_sampling"), "time_shift", None)
         if info.get("fixed_resolution") is None and configured is not None and noise.ndim == 4:
             actual = official_shift(noise.shape[-2], noise.shape[-1], info["latent_channels"], configured.rule)
@@ -261,6 +263,40 @@ def reject_controlnets(conds: dict):
                     "FLUX token; DC-Gen samples DC-AE latents with 4x-16x fewer tokens, so neither fits. Apply the "
                     "ControlNet to the base FLUX model instead (e.g. refine a DC-Gen draft: "
                     "workflows/dcgen-flux-controlnet-chain.json).")
+
+
+_TEXT_ENCODERS = {4096: "T5-XXL", 768: "CLIP-L", 2048: "CLIP-G / Gemma", 2304: "Gemma-2-2B", 1280: "CLIP-G pooled",
+                  3584: "Qwen2.5-VL-7B", 7680: "Mistral/Qwen (FLUX.2)"}
+
+
+def _encoder_name(width: int) -> str:
+    name = _TEXT_ENCODERS.get(width)
+    return f"{width} ({name})" if name else str(width)
+
+
+def check_text_widths(conds: dict, dm):
+    """CONDITIONING made by another model's text encoder gives a raw matmul error deep in FLUX; say which."""
+    context = getattr(getattr(dm, "txt_in", None), "in_features", None)
+    vector_in = getattr(dm, "vector_in", None)
+    pooled = getattr(getattr(vector_in, "in_layer", None), "in_features", None)
+    for cond_list in conds.values():
+        for cond in cond_list or []:
+            if not isinstance(cond, dict):
+                continue
+            cross = cond.get("cross_attn")
+            if context is not None and cross is not None and cross.shape[-1] != context:
+                raise DCGenError(
+                    f"CONDITIONING: expected text embeddings of width {_encoder_name(context)} for this FLUX model, "
+                    f"found {_encoder_name(cross.shape[-1])}. Encode the prompt with FLUX's text encoders "
+                    f"(DualCLIPLoader, type flux: clip_l + t5xxl).")
+            y = cond.get("pooled_output")
+            if y is None:
+                y = getattr((cond.get("model_conds") or {}).get("y"), "cond", None)
+            if pooled is not None and y is not None and y.shape[-1] != pooled:
+                raise DCGenError(
+                    f"CONDITIONING: expected a pooled text embedding of width {_encoder_name(pooled)} for this FLUX "
+                    f"model, found {_encoder_name(y.shape[-1])}. Encode the prompt with FLUX's text encoders "
+                    f"(DualCLIPLoader, type flux: clip_l + t5xxl).")
 
 
 def check_latent_channels(latent: "torch.Tensor", latent_channels: int, subject: str = "LATENT"):

@@ -136,3 +136,39 @@ def test_128_channel_embedding_on_a_32_channel_dcgen_model_is_refused_when_appli
         _node(comfyui, "DCGenLoraLoader").apply(dcgen, comfy_models.lora_with_embedding.replace(
             "dcgen-flux-tiny", "dcgen-flux-tiny"), 1.0, models_4k[2])
     _assert_unchanged(dcgen, before)
+
+
+@pytest.mark.parametrize("which", ["context", "pooled"])
+def test_text_encoder_of_another_width_names_the_expected_one(comfyui, comfy_models, which):
+    key = f"text-width-{which}"
+    cond, pooled = tiny.prompt_embeddings()
+    if which == "context":
+        cond = torch.zeros(1, cond.shape[1], 4096)
+    else:
+        pooled = torch.zeros(1, 768)
+    comfyui.test_nodes.EMBEDDINGS[key] = (cond, pooled)
+    latent = {"class_type": "DCGenEmptyLatent", "inputs": {"vae": ["vae", 0], "width": 128, "height": 128,
+                                                           "batch_size": 1}}
+    with pytest.raises(RuntimeError) as err:
+        comfyui.runtime.run(_ksampler_prompt(comfy_models, key, latent))
+    msg = str(err.value)
+    expected = f"width {tiny.TEXT_DIM}" if which == "context" else f"width {tiny.POOLED_DIM}"
+    found = "4096 (T5-XXL)" if which == "context" else "768 (CLIP-L)"
+    assert "CONDITIONING: expected" in msg and expected in msg and found in msg and "DualCLIPLoader" in msg
+
+
+def test_wrong_latent_into_core_vae_decode_names_the_channels(comfyui, comfy_models):
+    vae = _node(comfyui, "DCGenDCAELoader").load(comfy_models.vae, "auto")[0]
+    with pytest.raises(comfyui.core.errors.DCGenError) as err:
+        comfyui.runtime.node_classes["VAEDecode"]().decode(vae, {"samples": torch.zeros(1, 16, 8, 8)})
+    assert "expected a DC-AE latent with 32 channels, found 16 channels" in str(err.value)
+
+
+def test_pixel_space_vae_message_does_not_guess_flux(comfyui):
+    import comfy.sd
+
+    px = comfy.sd.VAE(sd={})
+    px.latent_channels, px.downscale_ratio = 3, 1
+    with pytest.raises(comfyui.core.errors.DCGenError) as err:
+        comfyui.core.comfy_vae.require_dcae(px)
+    assert "pixel-space VAE" in str(err.value) and "FLUX" not in str(err.value)
