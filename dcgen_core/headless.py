@@ -65,6 +65,14 @@ def comfyui_available(path: str | None = None) -> bool:
     return os.path.isfile(os.path.join(path, "nodes.py")) and os.path.isdir(os.path.join(path, "comfy"))
 
 
+class PromptRejected(RuntimeError):
+    """ComfyUI's validation refused the prompt (missing models, unknown nodes, bad values)."""
+
+    def __init__(self, message: str, error=None, node_errors=None):
+        super().__init__(message)
+        self.error, self.node_errors = error, node_errors or {}
+
+
 class Interrupted(RuntimeError):
     """The prompt was cancelled (Ctrl-C in the headless runner, ``ComfyRuntime.interrupt``)."""
 
@@ -159,7 +167,8 @@ class ComfyRuntime:
         result = asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
         ok, error, outputs, node_errors = result[:4]
         if not ok:
-            raise RuntimeError(f"ComfyUI rejected the prompt: {error}\n{json.dumps(node_errors, indent=1, default=str)}")
+            raise PromptRejected(f"ComfyUI rejected the prompt: {error}\n{json.dumps(node_errors, indent=1, default=str)}",
+                                 error, node_errors)
         return outputs
 
     def interrupt(self):
@@ -351,6 +360,19 @@ def workflow_to_prompt(workflow: dict, node_classes: dict) -> dict:
     return prompt
 
 
+def _with_overrides(prompt: dict, items: list[str]) -> dict:
+    """``--set NODE.INPUT=JSON`` overrides applied to a copy of the prompt."""
+    prompt = json.loads(json.dumps(prompt))
+    for item in items:
+        key, value = item.split("=", 1)
+        node_id, name = key.split(".", 1)
+        try:
+            prompt[node_id]["inputs"][name] = json.loads(value)
+        except json.JSONDecodeError:
+            prompt[node_id]["inputs"][name] = value
+    return prompt
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run a ComfyUI workflow (UI or API JSON) headless through ComfyUI's executor.")
     parser.add_argument("workflow")
@@ -365,14 +387,29 @@ def main(argv=None):
     runtime = boot(a.comfyui, cpu=not a.gpu, output_dir=a.output_dir, model_dirs=model_dirs_under(a.model_dir))
     with open(a.workflow, encoding="utf-8") as f:
         wf = json.load(f)
-    prompt = workflow_to_prompt(wf, runtime.node_classes) if "nodes" in wf else wf
-    for item in a.set:
-        key, value = item.split("=", 1)
-        node_id, name = key.split(".", 1)
-        try:
-            prompt[node_id]["inputs"][name] = json.loads(value)
-        except json.JSONDecodeError:
-            prompt[node_id]["inputs"][name] = value
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)  # ComfyUI logs every validation error; the summary below replaces them
+    try:
+        prompt = workflow_to_prompt(wf, runtime.node_classes) if "nodes" in wf else wf
+        runtime.validate(_with_overrides(prompt, a.set))
+    except (KeyError, PromptRejected) as e:
+        root.setLevel(level)
+        from .doctor import check_workflow
+
+        lines, _ = check_workflow(wf, runtime.node_classes)
+        reason = e.error.get("message", "") if isinstance(e, PromptRejected) and isinstance(e.error, dict) else ""
+        print(f"{a.workflow}: ComfyUI cannot run this workflow here{': ' + reason if reason else ''}. "
+              "What it needs:", file=sys.stderr)
+        print("\n".join(lines) or "  (every model file and node type it names is present; "
+              f"details: {e})", file=sys.stderr)
+        print("python -m dcgen_core.doctor tells more about this install.", file=sys.stderr)
+        return 1
+    finally:
+        root.setLevel(level)
+    prompt = _with_overrides(prompt, a.set)
     types = {k: v.get("class_type") for k, v in prompt.items()}
 
     def show_progress(node_id, step, total):

@@ -86,7 +86,7 @@ class DCGenLoraLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "A FLUX or DC-Gen model; the LoRA is added to a copy."}),
             "lora_name": (comfy_paths.weight_files("loras"), {"tooltip": "LoRA in models/loras."}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                          "tooltip": "LoRA strength (the embedder/head, if present, is always applied)."}),
