@@ -48,10 +48,12 @@ TITLES = {  # node titles where the type alone does not say the node's role
 GROUP_COLORS = ["#3f789e", "#8a6d3b", "#3f7f5f", "#7e5a9b", "#a1583f"]
 
 TITLE_H, SLOT_H, WIDGET_H, PAD = 36, 24, 30, 16
-GAP_X, GAP_Y, GROUP_PAD, GROUP_TITLE, STAGE_GAP = 40, 30, 20, 46, 60
+TITLE_BAR = 30  # the editor draws a node's title bar above its pos
+GAP_X, GAP_Y, GROUP_PAD, GROUP_TITLE, STAGE_GAP = 40, 30 + TITLE_BAR, 20, 50 + TITLE_BAR, 60
 NOTE_W = 640
-VIEW = {"scale": 0.6, "offset": [30, 30]}  # the editor's initial view: screen = (canvas + offset) * scale
-VIEW_SIZE = (1280, 720)  # the smallest window the note must fit in
+# the editor's initial view: screen = (canvas + offset) * scale; the offset clears the side bar and the floating
+# toolbar that the editor draws over the canvas (title bars sit 30 px above a node's pos)
+VIEW = {"scale": 0.65, "offset": [120, 190]}
 
 MULTILINE = {"CLIPTextEncode": 140, "Note": 0, "MarkdownNote": 0}
 MIN_SIZE = {"SaveImage": (420, 440), "PreviewImage": (420, 440)}

@@ -11,11 +11,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
-VIEW_SIZE = (1280, 720)  # a small editor window
+# the canvas a 1280x720 editor window shows: right of the side bar, below the tab bar and floating toolbar
+VISIBLE = (60, 90, 1280, 720)
+TITLE_BAR = 30  # drawn above a node's pos
 
 
 def _rect(n):
-    return (n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+    """A node as drawn: its title bar sits above its pos."""
+    return (n["pos"][0], n["pos"][1] - TITLE_BAR, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
 
 
 def _overlap(a, b):
@@ -37,7 +40,13 @@ def test_no_overlaps_note_in_view_groups(path):
     for i, g in enumerate(groups):
         for h in groups[i + 1:]:
             assert not _overlap((g[0], g[1], g[0] + g[2], g[1] + g[3]), (h[0], h[1], h[0] + h[2], h[1] + h[3]))
-    for n in nodes:  # every node but the note sits inside exactly one group
+    for n in nodes:  # every node but the note sits inside exactly one group, below its title
+        if n["type"] in ("Note", "MarkdownNote"):
+            continue
+        r = rects[n["id"]]
+        assert any(g[0] <= r[0] and g[1] + 40 <= r[1] and r[2] <= g[0] + g[2] and r[3] <= g[1] + g[3] for g in groups), \
+            n["type"]
+    for n in nodes:
         if n["type"] in ("Note", "MarkdownNote"):
             continue
         r = rects[n["id"]]
@@ -50,7 +59,7 @@ def test_no_overlaps_note_in_view_groups(path):
         x0, y0, x1, y1 = rects[n["id"]]
         sx0, sy0 = (x0 + ds["offset"][0]) * ds["scale"], (y0 + ds["offset"][1]) * ds["scale"]
         sx1, sy1 = (x1 + ds["offset"][0]) * ds["scale"], (y1 + ds["offset"][1]) * ds["scale"]
-        assert 0 <= sx0 and 0 <= sy0 and sx1 <= VIEW_SIZE[0] and sy1 <= VIEW_SIZE[1], (sx0, sy0, sx1, sy1)
+        assert VISIBLE[0] <= sx0 and VISIBLE[1] <= sy0 and sx1 <= VISIBLE[2] and sy1 <= VISIBLE[3], (sx0, sy0, sx1, sy1)
 
 
 def test_ids_thumbnails_and_layout_up_to_date():
