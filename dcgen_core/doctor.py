@@ -34,6 +34,8 @@ FILE_WIDGETS = {
     ("UpscaleModelLoader", "model_name"): "upscale_models", ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
 }
 
+MODEL_KINDS_FOR_SMOKE = sorted(set(FILE_WIDGETS.values()))
+
 #: file name pattern -> where it is published (README, "Models")
 PUBLISHED = [
     (r"dcgen-.*(embedding|lora)", "made with the pack's post-training (no public file yet; see README, Models)"),
@@ -177,13 +179,27 @@ def main(argv=None) -> int:
     ap.add_argument("--comfyui", default=None, help="ComfyUI folder (default: $COMFYUI_PATH or ~/ComfyUI)")
     ap.add_argument("--model-dir", action="append", default=[], metavar="PATH",
                     help="extra model folder laid out like ComfyUI's models/")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run every workflow on tiny random models in a temporary folder (nothing downloaded, "
+                         "your model folders untouched): tells a broken install from missing weights")
+    ap.add_argument("--gpu", action="store_true", help="with --smoke: run on the GPU (default: CPU)")
     a = ap.parse_args(argv)
     workflows = a.workflows or sorted(glob.glob(os.path.join(PACK_DIR, "workflows", "*.json")))
     try:
-        runtime = boot(a.comfyui, cpu=True, model_dirs=model_dirs_under(a.model_dir))
+        runtime = boot(a.comfyui, cpu=not a.gpu, model_dirs=model_dirs_under(a.model_dir))
     except Exception as e:  # noqa: BLE001 (report what broke, not a traceback)
         print(f"ComfyUI at {a.comfyui or comfyui_path()}: could not start ({type(e).__name__}: {e})")
         return 1
+    if a.smoke:
+        from .smoke import run
+
+        header, _ = report([], runtime)
+        print("\n".join(header), flush=True)
+        lines, failures = run(workflows, runtime)
+        print("\n".join(lines))
+        print(f"{failures} of {len(workflows)} workflow(s) failed" if failures else
+              f"all {len(workflows)} workflows ran: this install works (real weights still needed: run without --smoke)")
+        return 1 if failures else 0
     lines, problems = report(workflows, runtime)
     print("\n".join(lines))
     print(f"{problems} problem(s)" if problems else "everything the workflows name is here")

@@ -5,9 +5,7 @@ so workflow tests replace the CLIP loader's output with a tiny deterministic
 encoder and parity tests feed the reference's prompt embeddings directly.
 """
 
-import hashlib
-
-import torch
+from dcgen_core import smoke
 
 import nodes as comfy_nodes
 
@@ -49,27 +47,11 @@ class TestCapture:
         return {}
 
 
-class TinyTextEncoder:
-    """Duck-types comfy.sd.CLIP for CLIPTextEncode / CLIPTextEncodeFlux: text -> tiny FLUX-shaped embeddings."""
+class TinyTextEncoder(smoke.TinyTextEncoder):
+    """The smoke test's tiny encoder, at the widths the test sets in TEXT_DIMS."""
 
-    def tokenize(self, text, **kwargs):
-        return {"text": text}
-
-    def encode(self, text):
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-        g = torch.Generator().manual_seed(seed)
-        context, pooled = TEXT_DIMS
-        return torch.randn(1, TEXT_TOKENS, context, generator=g), torch.randn(1, pooled, generator=g)
-
-    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
-        cond, pooled = self.encode(tokens["text"])
-        return [[cond, {"pooled_output": pooled, **(add_dict or {})}]]
-
-    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        cond, pooled = self.encode(tokens["text"])
-        if return_dict:
-            return {"cond": cond, "pooled_output": pooled}
-        return (cond, pooled) if return_pooled else cond
+    def __init__(self):
+        super().__init__(TEXT_DIMS, TEXT_TOKENS)
 
 
 class TinyDualCLIPLoader(comfy_nodes.DualCLIPLoader):

@@ -66,3 +66,25 @@ def test_headless_runner_prints_the_summary_on_validation_failure(comfyui, comfy
     assert "ComfyUI cannot run this workflow here" in out.stderr
     assert "MISSING diffusion_models/nothing-here.safetensors" in out.stderr
     assert "not in []" not in out.stderr and '"node_errors"' not in out.stderr
+
+
+def test_smoke_runs_workflows_on_tiny_models_and_reports_failures(comfyui, tmp_path):
+    """--smoke: tiny random models in a temporary folder (removed afterwards), each workflow through ComfyUI's
+    executor, one OK/FAIL line per workflow with its time; a workflow that cannot run fails the exit code.
+    (All shipped workflows: tests/test_workflows.py runs them on tiny models with more checks.)"""
+    import tempfile
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"nodes": [{"id": 1, "type": "NodeFromAnotherPack", "inputs": [], "outputs": [],
+                                             "widgets_values": []}], "links": []}))
+    shipped = [os.path.join(REPO, "workflows", n) for n in ("dcgen-flux-1k-t2i.json", "dcgen-flux-4k-t2i.json")]
+    before = set(os.listdir(tempfile.gettempdir()))
+    out = subprocess.run([sys.executable, "-m", "dcgen_core.doctor", "--smoke", *shipped], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "OK   dcgen-flux-1k-t2i.json:" in out.stdout and "OK   dcgen-flux-4k-t2i.json:" in out.stdout
+    assert "this install works" in out.stdout
+    assert not [d for d in set(os.listdir(tempfile.gettempdir())) - before if d.startswith("dcgen-smoke-")]
+    bad = subprocess.run([sys.executable, "-m", "dcgen_core.doctor", "--smoke", str(broken)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "FAIL broken.json" in bad.stdout and "NodeFromAnotherPack" in bad.stdout

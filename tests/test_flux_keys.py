@@ -4,9 +4,7 @@ The ComfyUI tests need a ComfyUI checkout at $COMFYUI_PATH (default ~/ComfyUI) a
 are skipped otherwise.
 """
 
-import os
 import re
-import sys
 
 import pytest
 import torch

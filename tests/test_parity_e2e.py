@@ -7,7 +7,6 @@ embeddings. Tolerance: final images (in [0, 1]) within 1e-3 max abs, fp32 CPU.
 """
 
 import pytest
-import torch
 
 import tiny
 

@@ -16,6 +16,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from dcgen_core.smoke import fast_random_weights  # noqa: F401  (shared with the smoke run)
+
 LATENT_CHANNELS = 32
 SCALING = 0.41407
 TEXT_DIM = 32
@@ -244,21 +246,6 @@ FULL_TEXT_DIMS = (4096, 768)  # FLUX's (T5-XXL context, CLIP-L pooled) widths
 def _meta_shapes(build) -> dict:
     with torch.device("meta"):
         return {k: v.shape for k, v in build().state_dict().items()}
-
-
-def fast_random_weights(shapes: dict, seed: int = 0, dtype=torch.bfloat16) -> dict:
-    """Random weights in about a second per 200M parameters: every matrix/conv is a window of one seeded N(0, 1)
-    pool (a prime length, so that rows differ) scaled by 1/sqrt(fan_in); 1-D weights (norm scales) 1, biases 0."""
-    pool = torch.randn(1_000_003, generator=torch.Generator().manual_seed(seed))
-    out = {}
-    for i, (name, shape) in enumerate(shapes.items()):
-        if len(shape) == 1:
-            out[name] = (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=dtype)
-            continue
-        n, offset = math.prod(shape), (i * 7919) % pool.numel()
-        window = (pool / math.sqrt(math.prod(shape[1:]))).to(dtype)
-        out[name] = window.repeat(-(-(n + offset) // pool.numel()))[offset:offset + n].view(shape)
-    return out
 
 
 def full_width_flux_bfl(seed: int = 0) -> dict:
