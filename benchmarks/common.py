@@ -111,6 +111,13 @@ def spread(values) -> str:
     return f"{statistics.median(values):+.1f} ({min(values):+.1f}..{max(values):+.1f})"
 
 
+def cpu_time(fn) -> float:
+    """CPU seconds this process spent in ``fn`` (all threads): a clock that other work on the machine moves less."""
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
+
+
 def _wall(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -166,8 +173,11 @@ def random_flux_state_dict(cfg, device="cpu", dtype=torch.float32, seed: int = 0
     import comfy.ldm.flux.model
     import comfy.ops
 
+    from dcgen_core.comfy_compat import flux_params_kwargs
+
     meta = comfy.ldm.flux.model.Flux(image_model="flux", dtype=dtype, device="meta",
-                                     operations=comfy.ops.disable_weight_init, **cfg.comfy_flux_kwargs())
+                                     operations=comfy.ops.disable_weight_init,
+                                     **flux_params_kwargs(cfg.comfy_flux_kwargs()))
     g = torch.Generator(device=device).manual_seed(seed)
     sd = {}
     for name, t in meta.state_dict().items():
