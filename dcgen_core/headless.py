@@ -23,8 +23,17 @@ PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_MODULE = "comfyui_dc_gen"
 
 
+def enclosing_comfyui(pack_dir: str = PACK_DIR) -> str | None:
+    """The ComfyUI this pack is installed in (``<ComfyUI>/custom_nodes/<pack>``), if it is."""
+    parent = os.path.dirname(os.path.abspath(pack_dir))
+    if os.path.basename(parent) == "custom_nodes" and comfyui_available(os.path.dirname(parent)):
+        return os.path.dirname(parent)
+    return None
+
+
 def comfyui_path() -> str:
-    return os.environ.get("COMFYUI_PATH") or DEFAULT_COMFYUI_PATH
+    """``$COMFYUI_PATH``, else the ComfyUI whose custom_nodes holds this pack, else ``~/ComfyUI``."""
+    return os.environ.get("COMFYUI_PATH") or enclosing_comfyui() or DEFAULT_COMFYUI_PATH
 
 
 def comfyui_paths() -> list[str]:

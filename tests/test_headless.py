@@ -83,3 +83,15 @@ def test_cli_prints_progress_and_ctrl_c_cancels(comfyui, comfy_models, tmp_path)
     assert any("KSampler #sampler: 1/400" in line for line in lines), "".join(lines)[-2000:]
     assert proc.returncode == 130, rest[-2000:]
     assert "cancelled: interrupted in node sampler (KSampler)" in rest
+
+
+def test_a_pack_inside_custom_nodes_finds_its_comfyui(tmp_path):
+    from dcgen_core.headless import enclosing_comfyui
+
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "comfy").mkdir(parents=True)
+    (comfy / "nodes.py").write_text("")
+    pack = comfy / "custom_nodes" / "ComfyUI-DC-Gen"
+    pack.mkdir(parents=True)
+    assert enclosing_comfyui(str(pack)) == str(comfy)
+    assert enclosing_comfyui(str(tmp_path / "elsewhere" / "ComfyUI-DC-Gen")) is None
