@@ -92,11 +92,6 @@ def archive_weight_dtypes(module):
         archive(module)
 
 
-def patcher_is_dynamic(patcher) -> bool:
-    is_dynamic = getattr(patcher, "is_dynamic", None)
-    return bool(is_dynamic()) if callable(is_dynamic) else False
-
-
 # --- Executor -----------------------------------------------------------------------------------------------------
 
 def prompt_executor(execution, server):

@@ -169,15 +169,20 @@ def check_resolution(width: int, height: int, f: int, subject: str = "resolution
             f"Nearest: {max(f, round(width / f) * f)}x{max(f, round(height / f) * f)}.")
 
 
-def empty_dcae_latent(vae, width: int, height: int, batch_size: int = 1) -> torch.Tensor:
+def zero_latent(batch: int, channels: int, width: int, height: int, f: int, subject: str) -> torch.Tensor:
+    """An empty (batch, C, H/f, W/f) latent where ComfyUI keeps LATENTs, after checking it (and its images) fit."""
     import comfy.model_management as mm
 
+    check_empty_latent_fits(batch, channels, width, height, f, subject)
+    return torch.zeros(batch, channels, height // f, width // f, device=mm.intermediate_device())
+
+
+def empty_dcae_latent(vae, width: int, height: int, batch_size: int = 1) -> torch.Tensor:
     cfg = require_dcae(vae)
     f = cfg.spatial_compression
     subject = f"Empty DC-AE Latent ({cfg.variant}, f={f})"
     check_resolution(width, height, f, subject=subject)
-    check_empty_latent_fits(batch_size, cfg.latent_channels, width, height, f, subject)
-    return torch.zeros(batch_size, cfg.latent_channels, height // f, width // f, device=mm.intermediate_device())
+    return zero_latent(batch_size, cfg.latent_channels, width, height, f, subject)
 
 
 # --- DC-AE Decode / Encode (Tiled) -------------------------------------------------------------------------------

@@ -283,20 +283,16 @@ def check_text_widths(conds: dict, dm):
         for cond in cond_list or []:
             if not isinstance(cond, dict):
                 continue
-            cross = cond.get("cross_attn")
-            if context is not None and cross is not None and cross.shape[-1] != context:
-                raise DCGenError(
-                    f"CONDITIONING: expected text embeddings of width {_encoder_name(context)} for this FLUX model, "
-                    f"found {_encoder_name(cross.shape[-1])}. Encode the prompt with FLUX's text encoders "
-                    f"(DualCLIPLoader, type flux: clip_l + t5xxl).")
-            y = cond.get("pooled_output")
-            if y is None:
-                y = getattr((cond.get("model_conds") or {}).get("y"), "cond", None)
-            if pooled is not None and y is not None and y.shape[-1] != pooled:
-                raise DCGenError(
-                    f"CONDITIONING: expected a pooled text embedding of width {_encoder_name(pooled)} for this FLUX "
-                    f"model, found {_encoder_name(y.shape[-1])}. Encode the prompt with FLUX's text encoders "
-                    f"(DualCLIPLoader, type flux: clip_l + t5xxl).")
+            pooled_found = cond.get("pooled_output")
+            if pooled_found is None:
+                pooled_found = getattr((cond.get("model_conds") or {}).get("y"), "cond", None)
+            for found, expected, what in ((cond.get("cross_attn"), context, "text embeddings"),
+                                          (pooled_found, pooled, "a pooled text embedding")):
+                if expected is not None and found is not None and found.shape[-1] != expected:
+                    raise DCGenError(
+                        f"CONDITIONING: expected {what} of width {_encoder_name(expected)} for this FLUX model, "
+                        f"found {_encoder_name(found.shape[-1])}. Encode the prompt with FLUX's text encoders "
+                        f"(DualCLIPLoader, type flux: clip_l + t5xxl).")
 
 
 def check_latent_channels(latent: "torch.Tensor", latent_channels: int, subject: str = "LATENT"):

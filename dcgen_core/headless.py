@@ -402,8 +402,8 @@ def main(argv=None):
     level = root.level
     root.setLevel(logging.CRITICAL)  # ComfyUI logs every validation error; the summary below replaces them
     try:
-        prompt = workflow_to_prompt(wf, runtime.node_classes) if "nodes" in wf else wf
-        runtime.validate(_with_overrides(prompt, a.set))
+        prompt = _with_overrides(workflow_to_prompt(wf, runtime.node_classes) if "nodes" in wf else wf, a.set)
+        runtime.validate(prompt)
     except (KeyError, PromptRejected) as e:
         root.setLevel(level)
         from .doctor import check_workflow
@@ -418,7 +418,6 @@ def main(argv=None):
         return 1
     finally:
         root.setLevel(level)
-    prompt = _with_overrides(prompt, a.set)
     types = {k: v.get("class_type") for k, v in prompt.items()}
 
     def show_progress(node_id, step, total):

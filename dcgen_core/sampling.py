@@ -1,4 +1,5 @@
-"""The DC-Gen sampler: official schedule, size presets up to 4096x4096, text-to-image and img2img.
+"""The DC-Gen sampler: official schedule, native size or any size on the grid up to 4096x4096, text-to-image and
+img2img.
 
 Sampling goes through ComfyUI's own KSampler path (noise, previews, progress,
 noise masks), with the model's DC-Gen latent space and time shift.
@@ -6,11 +7,10 @@ noise masks), with the model's DC-Gen latent space and time shift.
 
 from __future__ import annotations
 
-import torch
-
-from .comfy_vae import check_empty_latent_fits, require_dcae
+from .comfy_vae import require_dcae, zero_latent
 from .errors import DCGenError
 from .flux import NATIVE_RESOLUTION, check_latent_channels, check_size_for_model, require_dcgen
+
 
 def resolve_size(info: dict, width: int, height: int, latent: dict | None) -> tuple[int, int]:
     """width x height to sample: 0 x 0 = the connected LATENT's size (img2img) or else the model's native size."""
@@ -51,11 +51,7 @@ def sample(model, positive, width: int, height: int, steps: int, guidance: float
         raise DCGenError(f"vae: expected the {info['latent_channels']}-channel DC-AE of this model, found "
                          f"'{vae.dcae_config.variant}' with {vae.dcae_config.latent_channels} channels.")
     if latent is None:
-        import comfy.model_management as mm
-
-        check_empty_latent_fits(batch_size, info["latent_channels"], width, height, f, "DC-Gen Sampler")
-        latent = {"samples": torch.zeros(batch_size, info["latent_channels"], height // f, width // f,
-                                         device=mm.intermediate_device())}
+        latent = {"samples": zero_latent(batch_size, info["latent_channels"], width, height, f, "DC-Gen Sampler")}
     positive = node_helpers.conditioning_set_values(positive, {"guidance": guidance})
     # guidance-distilled FLUX runs at cfg 1: the negative is never evaluated
     (out,) = nodes.common_ksampler(model, seed, steps, 1.0, sampler_name, scheduler, positive,
