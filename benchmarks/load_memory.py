@@ -45,7 +45,7 @@ _CHILD = textwrap.dedent("""
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     import nodes
-    model = nodes.NODE_CLASS_MAPPINGS["DCGenModelLoader"]().load({name!r}, {dtype!r})[0]
+    model = nodes.NODE_CLASS_MAPPINGS[{node!r}]().load({name!r}, *{args!r})[0]
     done.set()
     sampler.join()
     final_anon = status("RssAnon")
@@ -56,14 +56,17 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def measure(folder: str, name: str, weight_dtype: str = "default", env: dict | None = None) -> dict:
-    """Load ``name`` from ``folder`` in a fresh process; bytes above the booted process: peak/final RssAnon,
-    VmHWM, and the final model's weight bytes."""
-    script = _CHILD.format(repo=REPO, folder=folder, name=name, dtype=weight_dtype)
+def measure(folder: str, name: str, weight_dtype: str = "default", env: dict | None = None,
+            node: str = "DCGenModelLoader", args: tuple | None = None) -> dict:
+    """Load ``name`` from ``folder`` with the loader ``node`` (further widget values ``args``, default the
+    weight_dtype) in a fresh process; bytes above the booted process: peak/final RssAnon, VmHWM, and the final
+    model's weight bytes (as stored: a 4-bit layer counts its codes and scales)."""
+    script = _CHILD.format(repo=REPO, folder=folder, name=name, node=node,
+                           args=tuple(args) if args is not None else (weight_dtype,))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                          env={**os.environ, **(env or {})})
     if out.returncode != 0:
-        raise RuntimeError(f"loading {name} ({weight_dtype}) failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"loading {name} ({node}, {args or weight_dtype}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -25,6 +25,7 @@ from .headless import PACK_DIR, boot, comfyui_path, comfyui_version_at, model_di
 #: widget -> model folder, for every loader the shipped workflows (and common core graphs) use
 FILE_WIDGETS = {
     ("DCGenModelLoader", "unet_name"): "diffusion_models", ("UNETLoader", "unet_name"): "diffusion_models",
+    ("DCGenNVFP4ModelLoader", "unet_name"): "diffusion_models",
     ("DCGenDCAELoader", "vae_name"): "vae", ("VAELoader", "vae_name"): "vae",
     ("DCGenApplyAlignedEmbedding", "embedding_name"): "dcgen_embeddings",
     ("DCGenLoraLoader", "lora_name"): "loras", ("LoraLoaderModelOnly", "lora_name"): "loras",
@@ -38,6 +39,10 @@ MODEL_KINDS_FOR_SMOKE = sorted(set(FILE_WIDGETS.values()))
 
 #: file name pattern -> where it is published (README, "Models")
 PUBLISHED = [
+    (r"nvfp4", "made once from the bf16 transformer: python -m dcgen_core.quantize IN OUT --format nvfp4 (README, "
+     "4-bit models)"),
+    (r"svdq-(int4|fp4)", "Hugging Face nunchaku-tech (e.g. nunchaku-flux.1-krea-dev: svdq-\\1_r32-flux.1-krea-dev"
+     ".safetensors)"),
     (r"dcgen-.*(embedding|lora)", "made with the pack's post-training (no public file yet; see README, Models)"),
     (r"DC-Gen-FLUX\.1-Krea-Dev-v1\.0-Res(1|4)K", "Hugging Face nvidia/DC-Gen-FLUX.1-Krea-Dev, subfolder "
      "DC-Gen-FLUX.1-Krea-Dev-v1.0-Res\\1K (a diffusers pipeline folder: put it in models/diffusion_models and link "
@@ -89,12 +94,15 @@ def device_facts() -> list[str]:
     sm = major * 10 + minor
     lines.append(f"device: {torch.cuda.get_device_name()} (sm {sm}), bf16 "
                  f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+    from .nvfp4 import compute_path
+    from .svdquant import nunchaku_supports
+
     kitchen = importlib.util.find_spec("comfy_kitchen") is not None
-    lines.append(f"native NVFP4 matmul: {'yes' if sm >= 100 and kitchen else 'no'} "
-                 f"(needs sm >= 100 and comfy-kitchen{'' if kitchen else ', not installed'})")
+    lines.append(f"NVFP4 layers: {compute_path('cuda')}"
+                 f"{'' if kitchen else ' (comfy-kitchen not installed: pip install comfy-kitchen)'}")
     nunchaku = importlib.util.find_spec("nunchaku") is not None
-    supported = {"int4": sm in (75, 80, 86, 89), "fp4": sm in (120, 121)}
-    kinds = ", ".join(k for k, ok in supported.items() if ok) or "none on this GPU (int4: sm 75-89, fp4: sm 120/121)"
+    kinds = (", ".join(k for k in ("int4", "fp4") if nunchaku_supports(k, sm))
+             or "none on this GPU (int4: sm 75-89, fp4: sm 120/121)")
     lines.append(f"nunchaku SVDQuant kernels: {'installed' if nunchaku else 'not installed (optional)'}; "
                  f"formats this GPU runs: {kinds}")
     return lines

@@ -78,8 +78,17 @@ def flux_config_of(model):
     from .flux_keys import flux_config_from_state_dict
 
     dm = require_flux(model)
-    sd = {k: v for k, v in dm.state_dict(keep_vars=True).items()}
-    return flux_config_from_state_dict(sd, {"axes_dims_rope": list(dm.params.axes_dim)})
+    return flux_config_from_state_dict(logical_weights(dm), {"axes_dims_rope": list(dm.params.axes_dim)})
+
+
+def logical_weights(module) -> dict:
+    """Parameters by name with their logical shapes: a quantized weight (held as a QuantizedTensor) reports
+    [out, in], where state dicts of quantized layers hold packed codes and scales."""
+    out = dict(module.named_parameters()) | dict(module.named_buffers())
+    for name, m in module.named_modules():  # modules keeping a 4-bit weight in their own format (SVDQuant)
+        if hasattr(m, "logical_weight"):
+            out[f"{name}.weight"] = m.logical_weight
+    return out
 
 
 class _PreviewView:
@@ -464,16 +473,10 @@ def _unet_dtype(weight_dtype: str, sd, model_config, load_device):
                          weight_dtype=comfy.utils.weight_dtype(sd))
 
 
-def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: str = "checkpoint",
-                     disable_dynamic: bool = False):
-    """A ComfyUI FLUX ModelPatcher for a BFL-keyed state dict of any width/depth/channel count.
-
-    The model is built on the meta device and each tensor (a view of the mapped file, or a
-    :class:`~.flux_keys.FusedTensor`) is copied into private memory in the weight dtype and assigned, one at a
-    time, so the peak private memory of a load stays near the final model size.
-    """
+def flux_model_config(sd_bfl: dict, cfg, source: str):
+    """ComfyUI's model config (supported_models.Flux) for a FLUX of ``cfg``: any width, depth and channel count
+    (a DC-Gen model of C channels runs as patch_size 2, in_channels C/4 on the pixel-shuffled latent)."""
     import comfy.model_detection
-    import comfy.model_management as mm
 
     if cfg.img_in_features % 4 or cfg.out_features % 4:
         raise DCGenError(f"{source}: expected in/out channel counts divisible by 4, "
@@ -484,6 +487,22 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd_bfl)
     if model_config is None:
         raise DCGenError(f"{source}: ComfyUI has no FLUX model class for config {unet_config}.")
+    return model_config
+
+
+def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: str = "checkpoint",
+                     disable_dynamic: bool = False, replace: dict | None = None):
+    """A ComfyUI FLUX ModelPatcher for a BFL-keyed state dict of any width/depth/channel count.
+
+    The model is built on the meta device and each tensor (a view of the mapped file, or a
+    :class:`~.flux_keys.FusedTensor`) is copied into private memory in the weight dtype and assigned, one at a
+    time, so the peak private memory of a load stays near the final model size. ``replace`` (module path ->
+    module, already loaded) swaps in modules that hold their own weights (4-bit SVDQuant linears); ``sd_bfl``
+    then carries only shape stand-ins for their weights.
+    """
+    import comfy.model_management as mm
+
+    model_config = flux_model_config(sd_bfl, cfg, source)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     unet_dtype = _unet_dtype(weight_dtype, sd_bfl, model_config, load_device)
@@ -496,7 +515,12 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
     model.device = None
     dm = model.diffusion_model
     sd_bfl = flux_model_keys(model_config, sd_bfl)
-    expected = dm.state_dict()
+    replaced = tuple(f"{path}." for path in (replace or {}))
+    for path, module in (replace or {}).items():
+        parent, _, name = path.rpartition(".")
+        setattr(dm.get_submodule(parent) if parent else dm, name, module)
+    sd_bfl = {k: v for k, v in sd_bfl.items() if not k.startswith(replaced)}
+    expected = {k: v for k, v in dm.state_dict().items() if not k.startswith(replaced)}
     missing = sorted(set(expected) - set(sd_bfl))
     unexpected = sorted(set(sd_bfl) - set(expected))
     wrong = [k for k in expected if k in sd_bfl and tuple(expected[k].shape) != tuple(sd_bfl[k].shape)]
@@ -506,7 +530,9 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
             f"single blocks, found missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}."
         )
     # owned memory, one tensor at a time: the model never stays backed by the file, and a load peaks near its size
-    dm.load_state_dict({k: owned(sd_bfl.pop(k), unet_dtype) for k in list(sd_bfl)}, strict=True, assign=True)
+    result = dm.load_state_dict({k: owned(sd_bfl.pop(k), unet_dtype) for k in list(sd_bfl)}, strict=False,
+                                assign=True)
+    assert not result.unexpected_keys and all(k.startswith(replaced) for k in result.missing_keys)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
         raise DCGenError(f"{source}: internal error, tensors left unloaded: {leftovers[:4]}")
@@ -520,31 +546,54 @@ def load_flux_transformer(path: str, weight_dtype: str = "default", vae=None):
     The patcher carries ``cached_patcher_init`` as core loaders' do, so ComfyUI (v0.33) can rebuild a pristine
     copy: MultiGPU deep clones, and the non-dynamic delegate that hooks need under dynamic VRAM.
     """
-    # the factory keeps the VAE's DC-AE config, not the VAE and its weights
+    return load_with_cached_init(_load_flux_patcher, path, weight_dtype, vae=vae)
+
+
+def load_with_cached_init(load, path: str, *args, vae=None):
+    """``load(path, *args, dcae)``, a patcher, with ``cached_patcher_init`` set to rebuild it; ``dcae`` keeps the
+    VAE's DC-AE config only (not the VAE and its weights)."""
     dcae = None if vae is None else SimpleNamespace(dcae_config=require_dcae(vae))
-    m = _load_flux_patcher(path, weight_dtype, dcae)
-    m.cached_patcher_init = (_load_flux_patcher, (path, weight_dtype, dcae))
+    m = load(path, *args, dcae)
+    m.cached_patcher_init = (load, (path, *args, dcae))
     return m
 
 
-def _load_flux_patcher(path: str, weight_dtype: str, vae=None, disable_dynamic: bool = False):
+def read_flux_checkpoint(path: str):
+    """(BFL-keyed state dict of mapped views / lazy fused tensors, FluxConfig, Checkpoint without its tensors) of
+    a FLUX transformer file or diffusers folder in any layout the pack loads."""
     ckpt = load_checkpoint(path, component="transformer")
     sd = strip_prefix(ckpt.state_dict)
     del ckpt.state_dict
+    four_bit = ("NVFP4" if any(k.endswith(".comfy_quant") for k in sd) or ckpt.metadata.get("_quantization_metadata")
+                else "nunchaku SVDQuant" if any(k.endswith(".qweight") for k in sd) else None)
+    if four_bit:
+        raise DCGenError(f"{path}: expected a bf16/fp16/fp32 FLUX transformer, found a 4-bit {four_bit} file. Load it "
+                         "with Load DC-Gen Diffusion Model (NVFP4).")
     if is_diffusers_flux(sd):
         sd = diffusers_to_bfl(sd, lazy=True)
     elif not is_bfl_flux(sd):
         sample = ", ".join(sorted(sd)[:3])
         raise DCGenError(f"{path}: expected a FLUX transformer (diffusers or BFL/ComfyUI keys), found keys like {sample}.")
-    cfg = flux_config_from_state_dict(sd, ckpt.config)
+    return sd, flux_config_from_state_dict(sd, ckpt.config), ckpt
+
+
+def dcgen_channels(cfg, source: str) -> int | None:
+    """The DC-AE channel count of a DC-Gen transformer; None for a base FLUX (16-channel latents, 2x2 patches)."""
     c_in, c_out = cfg.img_in_features, cfg.out_features
     if c_in == c_out == 64:
-        logging.info("%s: base FLUX (16-channel latents, 2x2 patches); loaded without DC-AE latent space.", path)
-        return build_comfy_flux(sd, cfg, weight_dtype, source=path, disable_dynamic=disable_dynamic)
+        logging.info("%s: base FLUX (16-channel latents, 2x2 patches); loaded without DC-AE latent space.", source)
+        return None
     if c_in != c_out or c_in not in SPATIAL_COMPRESSION:
-        raise DCGenError(f"{path}: expected a DC-Gen transformer whose embedder and head take the same DC-AE "
+        raise DCGenError(f"{source}: expected a DC-Gen transformer whose embedder and head take the same DC-AE "
                          f"channel count (32, 128 or 512), found {c_in} in / {c_out} out.")
-    scaling = resolve_scaling(c_in, vae, path)
+    return c_in
+
+
+def _load_flux_patcher(path: str, weight_dtype: str, vae=None, disable_dynamic: bool = False):
+    sd, cfg, _ = read_flux_checkpoint(path)
+    channels = dcgen_channels(cfg, path)
+    scaling = None if channels is None else resolve_scaling(channels, vae, path)
     m = build_comfy_flux(sd, cfg, weight_dtype, source=path, disable_dynamic=disable_dynamic)
-    _install_latent_space(m, c_in, scaling, own_model=True)
+    if channels is not None:
+        _install_latent_space(m, channels, scaling, own_model=True)
     return m

@@ -179,8 +179,11 @@ def lora_patches(model, lora_sd: dict, source: str, cfg) -> dict:
 
     # core's own map first (it gains aliases across versions, e.g. LyCoris names), ours on top (fused offsets,
     # the norm_out scale/shift swap, kohya diffusers names)
+    from .flux import logical_weights
+
+    weights = logical_weights(model.model)  # quantized weights by their logical [out, in]
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    key_map.update(flux_lora_key_map(set(model.model_state_dict().keys()), cfg))
+    key_map.update(flux_lora_key_map(set(weights), cfg))
     bad = unmatched_modules(lora_sd, key_map)
     if bad:
         raise DCGenError(
@@ -191,19 +194,49 @@ def lora_patches(model, lora_sd: dict, source: str, cfg) -> dict:
     patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
     if not patches:
         raise DCGenError(f"{source}: expected LoRA weights (lora_A/lora_B or lora_up/lora_down), found none.")
-    check_lora_shapes(patches, model.model_state_dict(), source)
+    check_lora_shapes(patches, weights, source)
     return patches
 
 
-def _low_rank_pair(patch):
-    """(up, down) of a plain LoRA patch, for either ComfyUI patch representation."""
+def _lora_weights(patch):
+    """(up, down, alpha, mid, dora_scale, ...) of a LoRA patch in either ComfyUI representation; None otherwise."""
     if isinstance(patch, tuple):
         kind, weights = patch
     else:
         kind, weights = getattr(patch, "name", None), getattr(patch, "weights", None)
     if kind == "lora" and weights is not None and weights[0].ndim == 2 and weights[1].ndim == 2:
-        return weights[0], weights[1]
+        return weights
     return None
+
+
+def _low_rank_pair(patch):
+    """(up, down) of a plain LoRA patch, for either ComfyUI patch representation."""
+    weights = _lora_weights(patch)
+    return None if weights is None else (weights[0], weights[1])
+
+
+def split_quantized(patches: dict, weights: dict, strength: float):
+    """(runtime low-rank terms by module, remaining patches): a plain LoRA on a 4-bit weight stays a low-rank term
+    ``y = Wq x + s B A x`` (no re-quantization); anything else (other layers, LoHa/LoKr/DoRA) stays a ComfyUI
+    weight patch, which dequantizes, adds and re-quantizes 4-bit layers."""
+    from .nvfp4 import is_quantized
+    from .quantized_ops import LowRankTerm
+
+    terms, rest = {}, {}
+    for key, patch in patches.items():
+        target, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
+        function = key[2] if isinstance(key, tuple) and len(key) > 2 else None
+        lw = _lora_weights(patch)
+        if (lw is None or not is_quantized(weights.get(target)) or function is not None
+                or any(extra is not None for extra in lw[3:5])):
+            rest[key] = patch
+            continue
+        up, down, alpha = lw[0], lw[1], lw[2]
+        scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
+        rows = (offset[1], offset[2]) if offset is not None else None
+        module = target[len("diffusion_model."):-len(".weight")]
+        terms.setdefault(module, []).append(LowRankTerm(down, up, scale, rows))
+    return terms, rest
 
 
 def check_lora_shapes(patches: dict, model_sd: dict, source: str):
@@ -238,7 +271,13 @@ def apply_lora(model, path: str, strength: float = 1.0, vae=None):
     if emb is not None:
         m = apply_aligned_embedding(m, emb, vae=vae, clone=False)
     if lora_sd and strength != 0:
+        from .flux import logical_weights
+        from .quantized_ops import add_low_rank_terms
+
         patches = lora_patches(m, lora_sd, path, flux_config_of(m))
+        terms, patches = split_quantized(patches, logical_weights(m.model), strength)
+        if terms:
+            add_low_rank_terms(m, terms)
         applied = set(m.add_patches(patches, strength))
         skipped = [k for k in patches if k not in applied]
         if skipped:

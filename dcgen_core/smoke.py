@@ -12,6 +12,7 @@ are not touched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -146,6 +147,23 @@ def _place(path: str, write):
         write(path)
 
 
+def _write_dcgen_folder(path: str, channels: int):
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(flux_state_dict(TINY_FLUX, channels, *FLUX_TEXT), os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({"axes_dims_rope": TINY_FLUX["axes_dim"]}, f)
+
+
+def _write_dcgen_nvfp4(path: str, channels: int):
+    from .quantize import quantize_flux
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_dcgen_folder(tmp, channels)
+        quantize_flux(tmp, path, progress=False)
+
+
 def write_models(root: str, workflow: dict):
     """The files ``workflow`` names, tiny and random, under ``root/<kind>/<name>``."""
     from safetensors.torch import save_file
@@ -159,7 +177,7 @@ def write_models(root: str, workflow: dict):
     prompt = workflow_to_prompt(workflow, nodes.NODE_CLASS_MAPPINGS)
     dcgen_channels = {}
     for node in prompt.values():  # which DC-AE each DC-Gen loader pairs with: 32 (1K) or 128 (4K)
-        if node["class_type"] == "DCGenModelLoader":
+        if node["class_type"] in ("DCGenModelLoader", "DCGenNVFP4ModelLoader"):
             dcgen_channels[node["inputs"]["unet_name"]] = 128 if "4K" in node["inputs"]["unet_name"].upper() else 32
     for node in prompt.values():
         for (cls, widget), kind in FILE_WIDGETS.items():
@@ -168,14 +186,9 @@ def write_models(root: str, workflow: dict):
                 continue
             path = os.path.join(root, kind, name)
             if cls == "DCGenModelLoader":
-                c = dcgen_channels[name]
-
-                def write(p, c=c):
-                    os.makedirs(p, exist_ok=True)
-                    save_file(flux_state_dict(TINY_FLUX, c, *FLUX_TEXT), os.path.join(p, "model.safetensors"))
-                    with open(os.path.join(p, "config.json"), "w", encoding="utf-8") as f:
-                        json.dump({"axes_dims_rope": TINY_FLUX["axes_dim"]}, f)
-                _place(path, write)
+                _place(path, functools.partial(_write_dcgen_folder, channels=dcgen_channels[name]))
+            elif cls == "DCGenNVFP4ModelLoader":
+                _place(path, functools.partial(_write_dcgen_nvfp4, channels=dcgen_channels[name]))
             elif cls == "DCGenDCAELoader":
                 _place(path, lambda p: dcae_files(p, "dc-ae-1.5-f64c128" if "4K" in name.upper()
                                                  else "dc-ae-f32c32-sana-1.1"))

@@ -5,6 +5,7 @@ from ..dcgen_core.comfy_vae import load_comfy_vae
 from ..dcgen_core.dcae import VARIANTS
 from ..dcgen_core.embedding import load_aligned_embedding
 from ..dcgen_core.flux import WEIGHT_DTYPES, apply_aligned_embedding, load_flux_transformer
+from ..dcgen_core.flux_4bit import SVDQUANT_BACKENDS, load_4bit_flux
 from ..dcgen_core.lora import apply_lora
 
 CATEGORY = "DC-Gen/loaders"
@@ -55,6 +56,33 @@ class DCGenModelLoader:
         return (load_flux_transformer(comfy_paths.full_path("diffusion_models", unet_name), weight_dtype, vae=vae),)
 
 
+class DCGenNVFP4ModelLoader:
+    DESCRIPTION = ("Load a 4-bit FLUX / DC-Gen-FLUX transformer as a MODEL: a ComfyUI NVFP4 file (make one with "
+                   "python -m dcgen_core.quantize) or a nunchaku SVDQuant file (int4/fp4). Weights stay 4-bit in "
+                   "memory; native NVFP4 matmul on RTX 50xx/B200 (SM >= 10), dequantized per layer elsewhere. "
+                   "A base FLUX file becomes DC-Gen with Apply DC-Gen Aligned Embedding + Load DC-Gen LoRA.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (comfy_paths.weight_files("diffusion_models"), {
+                "tooltip": "4-bit transformer in models/diffusion_models: an NVFP4 safetensors (per-layer "
+                           "comfy_quant entries) or a nunchaku svdq-int4/svdq-fp4 FLUX safetensors."}),
+            "svdquant_backend": (list(SVDQUANT_BACKENDS), {
+                "default": "auto",
+                "tooltip": "nunchaku SVDQuant files only. auto: nunchaku's CUDA kernels when nunchaku is "
+                           "installed and supports the GPU, else pure torch (dequantized, runs anywhere). "
+                           "nunchaku: require the kernels. torch: never use them."}),
+        }, "optional": {"vae": ("VAE", {"tooltip": _VAE_TIP})}}
+
+    def load(self, unet_name, svdquant_backend="auto", vae=None):
+        return (load_4bit_flux(comfy_paths.full_path("diffusion_models", unet_name), vae=vae,
+                               svdquant_backend=svdquant_backend),)
+
+
 class DCGenApplyAlignedEmbedding:
     DESCRIPTION = ("Move a FLUX MODEL into DC-AE latent space: swap in the aligned input embedder and output head "
                    "(on a copy; the incoming model is unchanged). Add the DC-Gen LoRA after this.")
@@ -99,6 +127,7 @@ class DCGenLoraLoader:
 LOADER_NODES = {
     "DCGenDCAELoader": (DCAELoader, "Load DC-AE VAE (DC-Gen)"),
     "DCGenModelLoader": (DCGenModelLoader, "Load DC-Gen Diffusion Model"),
+    "DCGenNVFP4ModelLoader": (DCGenNVFP4ModelLoader, "Load DC-Gen Diffusion Model (NVFP4)"),
     "DCGenApplyAlignedEmbedding": (DCGenApplyAlignedEmbedding, "Apply DC-Gen Aligned Embedding"),
     "DCGenLoraLoader": (DCGenLoraLoader, "Load DC-Gen LoRA"),
 }

@@ -33,6 +33,9 @@ STAGES = {
     "dcgen-flux-4k-t2i.json": [
         ("Load DC-Gen 4K + DC-AE-1.5", [[2, 3]]), ("Prompt", [[4, 5]]), ("Sample 4096x4096", [[6]]),
         ("Save", [[7]])],
+    "dcgen-flux-4k-nvfp4.json": [
+        ("Load DC-Gen 4K (NVFP4) + DC-AE-1.5", [[2, 3]]), ("Prompt", [[4, 5]]), ("Sample 4096x4096", [[6]]),
+        ("Save", [[7]])],
     "dcgen-flux-1k-upscale-4k-refine.json": [
         ("Prompt", [[4, 5]]), ("1K draft", [[2, 3], [6]]), ("Upscale", [[7, 8], [9]]),
         ("4K refine (img2img)", [[10, 11], [12], [13]]), ("Save", [[14]])],

@@ -45,7 +45,9 @@ def test_cli_reports_and_exits_nonzero_when_missing(comfyui, comfy_models, tmp_p
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps(_workflow(comfy_models.dcgen, comfy_models.vae)))
     missing = tmp_path / "missing.json"
-    missing.write_text(json.dumps(_workflow("DC-Gen-FLUX.1-Krea-Dev-v1.0-Res1K/transformer", comfy_models.vae)))
+    # a name no other test writes into the shared model folders (the workflow tests place the shipped names)
+    missing.write_text(json.dumps(_workflow("DC-Gen-FLUX.1-Krea-Dev-v1.0-Res1K-not-downloaded/transformer",
+                                            comfy_models.vae)))
     run = [sys.executable, "-m", "dcgen_core.doctor", "--model-dir", models_root]
     good = subprocess.run(run + [str(ok)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stdout + good.stderr[-2000:]
@@ -53,7 +55,7 @@ def test_cli_reports_and_exits_nonzero_when_missing(comfyui, comfy_models, tmp_p
     assert "ok.json: OK" in good.stdout
     bad = subprocess.run(run + [str(missing)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
-    assert "MISSING diffusion_models/DC-Gen-FLUX.1-Krea-Dev-v1.0-Res1K/transformer" in bad.stdout
+    assert "MISSING diffusion_models/DC-Gen-FLUX.1-Krea-Dev-v1.0-Res1K-not-downloaded/transformer" in bad.stdout
     assert "nvidia/DC-Gen-FLUX.1-Krea-Dev" in bad.stdout
 
 

@@ -189,6 +189,23 @@ def test_4k_workflow_runs_headless(comfyui, dcgen_4k):
     _assert_saved_image(comfyui, outputs, (256, 192))
 
 
+def test_4k_nvfp4_workflow_runs_headless(comfyui, dcgen_4k, tmp_path):
+    """4K in 4-bit: the Res4K transformer quantized by `python -m dcgen_core.quantize` into the file the workflow
+    names, loaded by Load DC-Gen Diffusion Model (NVFP4), sampled and decoded by the DC-Gen Sampler (4K)."""
+    from dcgen_core.quantize import quantize_flux
+
+    wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-4k-nvfp4.json"))
+    dcgen, vae = dcgen_4k
+    folder = dcgen.save_dcgen_diffusers_folder(str(tmp_path / "Res4K"))
+    _place(comfyui, "diffusion_models", _widget(wf, "DCGenNVFP4ModelLoader", 0),
+           lambda p: quantize_flux(folder, p, progress=False))
+    _place(comfyui, "vae", _widget(wf, "DCGenDCAELoader", 0), lambda p: tiny.save_dcae_folder(vae, p))
+    _text_encoders(comfyui, wf, (tiny.TEXT_DIM, tiny.POOLED_DIM))
+    outputs = _run(comfyui, wf, {("DCGenSampler", "width"): 256,
+                                 ("DCGenSampler", "height"): 192, ("DCGenSampler", "steps"): 2})
+    _assert_saved_image(comfyui, outputs, (256, 192))
+
+
 def test_upscale_refine_workflow_runs_headless(comfyui, tiny_dcgen, tiny_vae, dcgen_4k):
     """1K draft -> core 4x model upscaler (spandrel) -> ImageScale -> DC-AE-1.5 encode -> 4K img2img refine.
 

@@ -99,19 +99,20 @@ class TinyDCGen:
     """Base FLUX (16 ch, 2x2 patches) + LoRA + aligned embedding, and the merged DC-Gen transformer."""
 
     def __init__(self, seed: int = 0, latent_channels: int = LATENT_CHANNELS,
-                 text_dims: tuple[int, int] = (TEXT_DIM, POOLED_DIM)):
+                 text_dims: tuple[int, int] = (TEXT_DIM, POOLED_DIM), flux_config: dict | None = None):
         """``text_dims``: (context, pooled) widths it reads; FLUX's real (4096, 768) where a workflow shares its
-        text encoder with a full-width FLUX."""
+        text encoder with a full-width FLUX. ``flux_config``: diffusers config entries replacing FLUX_CONFIG's."""
         from diffusers import FluxTransformer2DModel
 
         self.latent_channels = latent_channels
-        config = dict(FLUX_CONFIG, joint_attention_dim=text_dims[0], pooled_projection_dim=text_dims[1])
+        config = dict(FLUX_CONFIG, **(flux_config or {}), joint_attention_dim=text_dims[0],
+                      pooled_projection_dim=text_dims[1])
         base_cfg = dict(config, patch_size=1, in_channels=64, out_channels=64)
         torch.manual_seed(seed)
         self.base = _randomize(FluxTransformer2DModel(**base_cfg).eval(), seed)
         self.base_config = base_cfg
         g = torch.Generator().manual_seed(seed + 100)
-        hidden = FLUX_CONFIG["num_attention_heads"] * FLUX_CONFIG["attention_head_dim"]
+        hidden = config["num_attention_heads"] * config["attention_head_dim"]
         self.embedding = {
             "x_embedder.weight": 0.2 * torch.randn(hidden, latent_channels, generator=g),
             "x_embedder.bias": 0.05 * torch.randn(hidden, generator=g),
@@ -120,18 +121,27 @@ class TinyDCGen:
         }
         base_sd = self.base.state_dict()
         self.lora = {}  # diffusers layout: transformer.<module>.lora_A/B.weight
-        for m in lora_modules(FLUX_CONFIG["num_layers"], FLUX_CONFIG["num_single_layers"]):
+        for m in lora_modules(config["num_layers"], config["num_single_layers"]):
             w = base_sd[f"{m}.weight"]
             self.lora[f"transformer.{m}.lora_A.weight"] = 0.3 * torch.randn(LORA_RANK, w.shape[1], generator=g)
             self.lora[f"transformer.{m}.lora_B.weight"] = 0.3 * torch.randn(w.shape[0], LORA_RANK, generator=g)
-        merged = {k: v.clone() for k, v in base_sd.items()}
-        for m in lora_modules(FLUX_CONFIG["num_layers"], FLUX_CONFIG["num_single_layers"]):
+        self.config = config
+        self.dcgen = self.merge(self.base)
+
+    def merge(self, base, embedding: dict | None = None):
+        """The DC-Gen transformer: ``base``'s weights + this LoRA (alpha / rank scaled) + the aligned embedding
+        (``embedding``: another one)."""
+        from diffusers import FluxTransformer2DModel
+
+        merged = {k: v.clone() for k, v in base.state_dict().items()}
+        for m in lora_modules(self.config["num_layers"], self.config["num_single_layers"]):
             up, down = self.lora[f"transformer.{m}.lora_B.weight"], self.lora[f"transformer.{m}.lora_A.weight"]
             merged[f"{m}.weight"] += (LORA_ALPHA / LORA_RANK) * up @ down
-        merged.update(self.embedding)
-        self.dcgen = FluxTransformer2DModel(**dict(config, in_channels=latent_channels,
-                                                  out_channels=latent_channels)).eval()
-        self.dcgen.load_state_dict(merged, strict=True)
+        merged.update(self.embedding if embedding is None else embedding)
+        c = self.latent_channels
+        model = FluxTransformer2DModel(**dict(self.config, in_channels=c, out_channels=c)).eval()
+        model.load_state_dict(merged, strict=True)
+        return model
 
     # --- files ---------------------------------------------------------------
     def save_dcgen_diffusers_folder(self, folder: str, max_shard_size: str = "40KB"):
