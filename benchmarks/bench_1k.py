@@ -120,10 +120,10 @@ def main():
     ts = torch.tensor([0.7])
     context, y = cond[0][0], cond[0][1]["pooled_output"]
     guidance = torch.tensor([3.5])
-    from comfyui_dc_gen.dcgen_core.flux import _linear_like
+    from comfyui_dc_gen.dcgen_core.latent_space import linear_like
 
-    bare_in = _linear_like(dm.img_in, emb.img_in_weight, emb.img_in_bias, None)
-    bare_out = _linear_like(dm.final_layer.linear, emb.out_weight, emb.out_bias, None)
+    bare_in = linear_like(dm.img_in, emb.img_in_weight, emb.img_in_bias, None)
+    bare_out = linear_like(dm.final_layer.linear, emb.out_weight, emb.out_bias, None)
     orig_in, orig_out = dm.img_in, dm.final_layer.linear
 
     def bare():

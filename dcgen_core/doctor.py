@@ -25,7 +25,8 @@ from .headless import PACK_DIR, boot, comfyui_path, comfyui_version_at, model_di
 #: widget -> model folder, for every loader the shipped workflows (and common core graphs) use
 FILE_WIDGETS = {
     ("DCGenModelLoader", "unet_name"): "diffusion_models", ("UNETLoader", "unet_name"): "diffusion_models",
-    ("DCGenNVFP4ModelLoader", "unet_name"): "diffusion_models",
+    ("DCGenNVFP4ModelLoader", "unet_name"): "diffusion_models", ("DCGenSanaModelLoader", "unet_name"): "diffusion_models",
+    ("DCGenSanaTextEncoderLoader", "clip_name"): "text_encoders",
     ("DCGenDCAELoader", "vae_name"): "vae", ("VAELoader", "vae_name"): "vae",
     ("DCGenApplyAlignedEmbedding", "embedding_name"): "dcgen_embeddings",
     ("DCGenLoraLoader", "lora_name"): "loras", ("LoraLoaderModelOnly", "lora_name"): "loras",

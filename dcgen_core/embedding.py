@@ -1,7 +1,8 @@
 """Aligned embeddings: the DC-Gen input embedder and output head for a DC-AE latent.
 
 DC-Gen keeps the base DiT and replaces only two linears: the patch embedder
-(diffusers ``x_embedder`` / BFL ``img_in``, weight [hidden, C]) and the output head
+(diffusers ``x_embedder`` / BFL ``img_in``, weight [hidden, C]; SANA's ``patch_embed.proj``, a 1x1 conv
+[hidden, C, 1, 1], read as the same matrix) and the output head
 (diffusers ``proj_out`` / BFL ``final_layer.linear``, weight [C, hidden]), C being the
 DC-AE latent channel count. This module finds those tensors in a file (a standalone
 embedding, a full transformer, or a LoRA file that also carries them) and validates them.
@@ -23,8 +24,8 @@ DCAE_LATENT_CHANNELS = (32, 128, 512)
 
 # (role, param) -> accepted key names (after prefix removal), diffusers first.
 _NAMES = {
-    ("in", "weight"): ("x_embedder.weight", "img_in.weight"),
-    ("in", "bias"): ("x_embedder.bias", "img_in.bias"),
+    ("in", "weight"): ("x_embedder.weight", "img_in.weight", "patch_embed.proj.weight"),
+    ("in", "bias"): ("x_embedder.bias", "img_in.bias", "patch_embed.proj.bias"),
     ("out", "weight"): ("proj_out.weight", "final_layer.linear.weight"),
     ("out", "bias"): ("proj_out.bias", "final_layer.linear.bias"),
 }
@@ -101,7 +102,7 @@ def _shape(t) -> str:
 
 def _build(found: dict, source: str, n_keys: int) -> AlignedEmbedding:
     if ("in", "weight") not in found:
-        raise mismatch(source, "an input embedder (x_embedder.weight or img_in.weight)",
+        raise mismatch(source, "an input embedder (x_embedder.weight, img_in.weight or patch_embed.proj.weight)",
                        f"none among {n_keys} tensors",
                        "This is not a DC-Gen aligned embedding (or the file is incomplete).")
     if ("out", "weight") not in found:
@@ -110,6 +111,11 @@ def _build(found: dict, source: str, n_keys: int) -> AlignedEmbedding:
                        "The aligned embedding needs both the embedder and the head.")
     w_in = found[("in", "weight")][1]
     w_out = found[("out", "weight")][1]
+    if w_in.ndim == 4:  # SANA's patch embedder is a conv: a 1x1 kernel is the same linear map
+        if tuple(w_in.shape[2:]) != (1, 1):
+            raise mismatch(f"{source} (input embedder weight)", "a 1x1 patch embedder [hidden, C, 1, 1] (DC-Gen "
+                           "uses 1x1 patches)", f"shape {_shape(w_in)}")
+        w_in = w_in.reshape(w_in.shape[0], w_in.shape[1])
     if w_in.ndim != 2:
         raise mismatch(f"{source} (input embedder weight)", "a 2-D [hidden, C] matrix", f"shape {_shape(w_in)}")
     if w_out.ndim != 2:

@@ -18,7 +18,8 @@ from . import nvfp4
 from .checkpoints import load_safetensors, owned
 from .comfy_compat import flux_model_keys, make_model_patcher
 from .errors import DCGenError
-from .flux import _install_latent_space, dcgen_channels, flux_model_config, load_with_cached_init, resolve_scaling
+from .flux import _install_latent_space, dcgen_channels, flux_model_config
+from .latent_space import load_with_cached_init, resolve_scaling
 from .flux_keys import flux_config_from_state_dict, is_bfl_flux, strip_prefix
 from .quantized_ops import PACK_OPS, operations_for
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from . import svdquant
 from .errors import DCGenError
-from .flux import _install_latent_space, build_comfy_flux, dcgen_channels, load_with_cached_init, resolve_scaling
+from .flux import _install_latent_space, build_comfy_flux, dcgen_channels
+from .latent_space import load_with_cached_init, resolve_scaling
 from .flux_keys import diffusers_flux_module_to_bfl, diffusers_to_bfl, flux_config_from_state_dict
 from .nvfp4 import LogicalWeight
 

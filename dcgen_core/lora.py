@@ -112,7 +112,8 @@ def normalize_lora(sd: dict[str, torch.Tensor], alpha: float | None = None) -> d
             k = k[len("base_model.model."):]
         k = _PEFT_ADAPTER.sub(r".\1.\2", k)
         if k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
-                         "time_text_embed.", "norm_out.", "proj_out.")):
+                         "time_text_embed.", "norm_out.", "proj_out.", "patch_embed.", "caption_projection.",
+                         "caption_norm.", "time_embed.")):
             k = "transformer." + k
         elif k.startswith(("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "final_layer.", "time_in.",
                            "vector_in.", "guidance_in.")):
@@ -173,23 +174,36 @@ def unmatched_modules(lora_sd: dict, key_map: dict) -> list[str]:
     return unknown + missing
 
 
-def lora_patches(model, lora_sd: dict, source: str, cfg) -> dict:
-    """ComfyUI patches for ``model`` (a FLUX ModelPatcher); errors if the LoRA targets another model."""
+def diffusers_lora_key_map(model_keys) -> dict:
+    """LoRA module name -> ComfyUI patch key for a model whose parameters carry diffusers names (SANA)."""
+    key_map = {}
+    for k in model_keys:
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            module = k[len("diffusion_model."):-len(".weight")]
+            for name in (f"transformer.{module}", f"diffusion_model.{module}",
+                         "lora_transformer_" + module.replace(".", "_"), "lora_unet_" + module.replace(".", "_")):
+                key_map[name] = k
+    return key_map
+
+
+def lora_patches(model, lora_sd: dict, source: str, arch) -> dict:
+    """ComfyUI patches for ``model`` (a patcher of the architecture ``arch``, see architectures.py); errors if the
+    LoRA targets another model."""
     import comfy.lora
 
-    # core's own map first (it gains aliases across versions, e.g. LyCoris names), ours on top (fused offsets,
-    # the norm_out scale/shift swap, kohya diffusers names)
-    from .flux import logical_weights
+    from .latent_space import logical_weights
 
     weights = logical_weights(model.model)  # quantized weights by their logical [out, in]
+    # core's own map first (it gains aliases across versions, e.g. LyCoris names), the architecture's on top (FLUX:
+    # fused offsets, the norm_out scale/shift swap, kohya diffusers names)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    key_map.update(flux_lora_key_map(set(weights), cfg))
+    key_map.update(arch.lora_key_map(model, set(weights)))
     bad = unmatched_modules(lora_sd, key_map)
     if bad:
         raise DCGenError(
-            f"{source}: expected a LoRA for this FLUX transformer (modules like transformer.transformer_blocks.0.attn.to_q "
-            f"or lora_unet_double_blocks_0_img_attn_qkv), found {len(bad)} entries it does not have, e.g. "
-            f"{', '.join(bad[:3])}. Is it a LoRA for another model or another depth?"
+            f"{source}: expected a LoRA for this {arch.name} transformer (modules like {arch.lora_example}), found "
+            f"{len(bad)} entries it does not have, e.g. {', '.join(bad[:3])}. Is it a LoRA for another model or "
+            f"another depth?"
         )
     patches = comfy.lora.load_lora(lora_sd, key_map, log_missing=False)
     if not patches:
@@ -247,6 +261,8 @@ def check_lora_shapes(patches: dict, model_sd: dict, source: str):
         if pair is None or target not in model_sd:
             continue
         weight = model_sd[target]
+        if len(weight.shape) == 4 and tuple(weight.shape[2:]) != (1, 1):
+            continue  # a LoRA on a k x k conv is flattened by ComfyUI: its in-size is in * k * k
         rows = offset[2] if offset else weight.shape[0]
         up, down = pair
         if up.shape[0] != rows or down.shape[1] != weight.shape[1]:
@@ -261,20 +277,20 @@ def apply_lora(model, path: str, strength: float = 1.0, vae=None):
     When the file also carries an aligned embedder/head, the clone gets them too
     (and with them the DC-AE latent space).
     """
-    from .flux import apply_aligned_embedding, flux_config_of, require_flux
+    from .architectures import architecture_of
 
-    require_flux(model, subject=path)
+    arch = architecture_of(model, subject=path)
     lora_sd, emb = read_lora_file(path)
     if emb is None and not lora_sd:
         raise DCGenError(f"{path}: expected LoRA weights or an aligned embedding, found an empty file.")
     m = model.clone()
     if emb is not None:
-        m = apply_aligned_embedding(m, emb, vae=vae, clone=False)
+        m = arch.apply_aligned_embedding(m, emb, vae=vae, clone=False)
     if lora_sd and strength != 0:
-        from .flux import logical_weights
+        from .latent_space import logical_weights
         from .quantized_ops import add_low_rank_terms
 
-        patches = lora_patches(m, lora_sd, path, flux_config_of(m))
+        patches = lora_patches(m, lora_sd, path, arch)
         terms, patches = split_quantized(patches, logical_weights(m.model), strength)
         if terms:
             add_low_rank_terms(m, terms)

@@ -23,8 +23,9 @@ import torch
 from . import nvfp4
 from .checkpoints import owned
 from .errors import DCGenError
-from .flux import DEFAULT_SCALING, SPATIAL_COMPRESSION, dcgen_channels, read_flux_checkpoint
+from .flux import dcgen_channels, read_flux_checkpoint
 from .flux_4bit import METADATA_KEY, file_kind
+from .latent_space import DEFAULT_SCALING, SPATIAL_COMPRESSION
 from .schedules import rule_for_channels
 
 FORMATS = ("nvfp4",)

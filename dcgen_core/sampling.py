@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .comfy_vae import require_dcae, zero_latent
 from .errors import DCGenError
-from .flux import NATIVE_RESOLUTION, check_latent_channels, check_size_for_model, require_dcgen
+from .latent_space import NATIVE_RESOLUTION, check_latent_channels, check_size_for_model, require_dcgen
 
 
 def resolve_size(info: dict, width: int, height: int, latent: dict | None) -> tuple[int, int]:
@@ -52,9 +52,15 @@ def sample(model, positive, width: int, height: int, steps: int, guidance: float
                          f"'{vae.dcae_config.variant}' with {vae.dcae_config.latent_channels} channels.")
     if latent is None:
         latent = {"samples": zero_latent(batch_size, info["latent_channels"], width, height, f, "DC-Gen Sampler")}
-    positive = node_helpers.conditioning_set_values(positive, {"guidance": guidance})
-    # guidance-distilled FLUX runs at cfg 1: the negative is never evaluated
-    (out,) = nodes.common_ksampler(model, seed, steps, 1.0, sampler_name, scheduler, positive,
-                                   negative if negative is not None else positive, latent, denoise=denoise)
+    if info.get("architecture") == "sana":  # classifier-free guidance: guidance is the cfg scale (SANA: 4.5)
+        if negative is None:
+            raise DCGenError("negative: expected the negative prompt for a SANA model (CLIP Text Encode of \"\" with "
+                             "Load SANA Text Encoder: SANA uses classifier-free guidance), found none connected.")
+        cfg = guidance
+    else:  # guidance-distilled FLUX runs at cfg 1 with its guidance embedding: the negative is never evaluated
+        positive = node_helpers.conditioning_set_values(positive, {"guidance": guidance})
+        negative, cfg = negative if negative is not None else positive, 1.0
+    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                   denoise=denoise)
     image = vae.decode(out["samples"]) if vae is not None else None
     return out, image

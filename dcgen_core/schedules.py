@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import DCGenError
+
 LINEAR = "dcgen-1k"
 EXPONENTIAL = "flux-resolution"
 #: The rules by what users call them: "flux2" (REFERENCE.md; the 1K models') and FLUX's resolution shift "mu".
@@ -128,3 +130,57 @@ def comfy_model_sampling(shift: TimeShift):
             return float(self.time_shift.apply(1.0 - percent))
 
     return DCGenModelSampling(shift)
+
+
+FLOW_SCHEDULES = ("flow-match euler (diffusers)", "dpm-solver++ flow (diffusers)")
+
+
+def flow_match_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The sigmas of diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps)`` (SANA's
+    pipelines; a final 0 appended): the shifted sigma range of the 1000-step training table, spaced linearly and
+    shifted again, in diffusers' dtypes (float32 table, float64 spacing, float32 result)."""
+    import numpy as np
+
+    if steps < 1:
+        raise DCGenError(f"steps: expected at least 1, found {steps}.")
+    if shift <= 0:
+        raise DCGenError(f"shift: expected a positive flow shift (SANA: 3.0), found {shift}.")
+    table = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1].copy())
+    table = table / num_train_timesteps
+    table = shift * table / (1 + (shift - 1) * table)
+    t = np.linspace(float(table[0]) * num_train_timesteps, float(table[-1]) * num_train_timesteps, steps)
+    s = t / num_train_timesteps
+    s = shift * s / (1 + (shift - 1) * s)
+    return torch.cat([torch.from_numpy(s).to(torch.float32), torch.zeros(1)])
+
+
+def dpm_flow_sigmas(steps: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The sigmas of diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift,
+    prediction_type="flow_prediction").set_timesteps(steps)`` (SANA's default scheduler; its final sigma 0 included,
+    length steps + 1): t = 1 - linspace(1, 1/num_train_timesteps, steps + 1), shifted, reversed, the last (t = 0)
+    dropped, then 0 appended; float64 numpy arithmetic, float32 result, as diffusers does.
+
+    The first sigma is shift(1 - 1/num_train_timesteps) (0.99967 for shift 3), not 1; ComfyUI's flow noise scaling
+    therefore starts from that sigma times the noise, where diffusers' pipelines start from the noise itself.
+    """
+    import numpy as np
+
+    if steps < 1:
+        raise DCGenError(f"steps: expected at least 1, found {steps}.")
+    if shift <= 0:
+        raise DCGenError(f"shift: expected a positive flow shift (SANA: 3.0), found {shift}.")
+    t = 1.0 - np.linspace(1, 1 / num_train_timesteps, steps + 1)
+    s = np.flip(shift * t / (1 + (shift - 1) * t))[:-1].copy()
+    return torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))
+
+
+_FLOW_SCHEDULE_FUNCTIONS = {FLOW_SCHEDULES[0]: flow_match_sigmas, FLOW_SCHEDULES[1]: dpm_flow_sigmas}
+
+
+def flow_schedule_sigmas(schedule: str, steps: int, shift: float) -> torch.Tensor:
+    """The sigmas of one of ``FLOW_SCHEDULES`` (with the final 0)."""
+    try:
+        make = _FLOW_SCHEDULE_FUNCTIONS[schedule]
+    except KeyError:
+        raise DCGenError(f"schedule: expected one of {', '.join(FLOW_SCHEDULES)}, found {schedule!r}.") from None
+    return make(steps, shift)

@@ -26,8 +26,11 @@ import torch
 FLUX_TEXT = (4096, 768)  # T5-XXL context and CLIP-L pooled widths
 TINY_FLUX = dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1)
 FULL_FLUX = dict(hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], depth=1, depth_single_blocks=1)
+#: a tiny SANA reading Gemma-2-2B's real width (the smoke's text encoder gives that width)
+TINY_SANA = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num_cross_attention_heads=2,
+                 cross_attention_head_dim=32, cross_attention_dim=64, caption_channels=2304, mlp_ratio=2.5)
 #: (class, input) -> smoke value: small sizes and 2 steps
-SMALL = {("DCGenSampler", "steps"): 2, ("KSampler", "steps"): 2, ("DCGenEmptyLatent", "width"): 128,
+SMALL = {("DCGenSampler", "steps"): 2, ("KSampler", "steps"): 2, ("DCGenFlowSigmas", "steps"): 2, ("DCGenEmptyLatent", "width"): 128,
          ("DCGenEmptyLatent", "height"): 128, ("EmptySD3LatentImage", "width"): 128,
          ("EmptySD3LatentImage", "height"): 128, ("ImageScale", "width"): 256, ("ImageScale", "height"): 128}
 
@@ -124,6 +127,21 @@ class TinyTextEncoder:
         return (cond, pooled) if return_pooled else cond
 
 
+def tiny_sana_text_encoder_loader(width: int = TINY_SANA["caption_channels"]):
+    """Load SANA Text Encoder's inputs, a tiny encoder of ``width`` (Gemma-2-2B's) out (no Gemma file is read)."""
+    import nodes
+
+    class TinySanaTextEncoderLoader(nodes.NODE_CLASS_MAPPINGS["DCGenSanaTextEncoderLoader"]):
+        @classmethod
+        def VALIDATE_INPUTS(cls, **kwargs):
+            return True
+
+        def load(self, clip_name):
+            return (TinyTextEncoder((width, 8)),)
+
+    return TinySanaTextEncoderLoader
+
+
 def tiny_dual_clip_loader():
     """A node class with the core DualCLIPLoader's inputs (shipped workflows run unchanged) that loads nothing."""
     import nodes
@@ -164,6 +182,53 @@ def _write_dcgen_nvfp4(path: str, channels: int):
         quantize_flux(tmp, path, progress=False)
 
 
+def _write_sana_folder(path: str, channels: int = 32):
+    from safetensors.torch import save_file
+
+    from .sana.model import SanaConfig, SanaTransformer
+
+    cfg = SanaConfig(in_channels=channels, out_channels=channels, **TINY_SANA)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in SanaTransformer(cfg).state_dict().items()}
+    os.makedirs(path, exist_ok=True)
+    save_file(fast_random_weights(shapes), os.path.join(path, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg.to_diffusers_config(), f)
+
+
+def _write_sana_dcgen_file(path: str, lora: bool, channels: int):
+    from safetensors.torch import save_file
+
+    from .lora import save_lora
+
+    g = torch.Generator().manual_seed(3)
+    h = TINY_SANA["num_attention_heads"] * TINY_SANA["attention_head_dim"]
+    if lora:
+        save_lora(path, {"transformer_blocks.0.attn1.to_q": (0.01 * torch.randn(4, h, generator=g),
+                                                             0.01 * torch.randn(h, 4, generator=g))}, alpha=4.0)
+    else:
+        save_file({"patch_embed.proj.weight": 0.05 * torch.randn(h, channels, 1, 1, generator=g),
+                   "patch_embed.proj.bias": torch.zeros(h), "proj_out.bias": torch.zeros(channels),
+                   "proj_out.weight": 0.05 * torch.randn(channels, h, generator=g)}, path)
+
+
+def _dcae_variant_for(name: str) -> str:
+    n = name.upper()
+    return "dc-ae-1.5-f64c128" if "4K" in n or "F64" in n else "dc-ae-f32c32-sana-1.1"
+
+
+def _model_source(prompt: dict, node: dict) -> str | None:
+    """The loader class at the start of ``node``'s MODEL input chain."""
+    seen = set()
+    while "model" in node["inputs"] and isinstance(node["inputs"]["model"], list):
+        ref = node["inputs"]["model"][0]
+        if ref in seen:
+            return None
+        seen.add(ref)
+        node = prompt[ref]
+    return node["class_type"]
+
+
 def write_models(root: str, workflow: dict):
     """The files ``workflow`` names, tiny and random, under ``root/<kind>/<name>``."""
     from safetensors.torch import save_file
@@ -190,8 +255,13 @@ def write_models(root: str, workflow: dict):
             elif cls == "DCGenNVFP4ModelLoader":
                 _place(path, functools.partial(_write_dcgen_nvfp4, channels=dcgen_channels[name]))
             elif cls == "DCGenDCAELoader":
-                _place(path, lambda p: dcae_files(p, "dc-ae-1.5-f64c128" if "4K" in name.upper()
-                                                 else "dc-ae-f32c32-sana-1.1"))
+                _place(path, lambda p: dcae_files(p, _dcae_variant_for(name)))
+            elif cls == "DCGenSanaModelLoader":
+                _place(path, _write_sana_folder)
+            elif cls in ("DCGenApplyAlignedEmbedding", "DCGenLoraLoader") and \
+                    _model_source(prompt, node) == "DCGenSanaModelLoader":
+                _place(path, functools.partial(_write_sana_dcgen_file, lora=cls == "DCGenLoraLoader",
+                                               channels=128 if "4K" in name.upper() else 32))
             elif cls == "UNETLoader":
                 _place(path, lambda p: save_file(flux_state_dict(FULL_FLUX, 64, *FLUX_TEXT), p))
             elif cls == "DCGenApplyAlignedEmbedding":
@@ -253,7 +323,7 @@ def _run_in(root: str, workflows: list[str], runtime) -> tuple[list[str], int]:
         os.makedirs(os.path.join(root, kind), exist_ok=True)
         folder_paths.add_model_folder_path(kind, os.path.join(root, kind), is_default=True)
     folder_paths.set_output_directory(os.path.join(root, "output"))
-    loader = tiny_dual_clip_loader()
+    loader, sana_loader = tiny_dual_clip_loader(), tiny_sana_text_encoder_loader()
     lines, failures = [], 0
     for path in workflows:
         name = os.path.basename(path)
@@ -267,12 +337,14 @@ def _run_in(root: str, workflows: list[str], runtime) -> tuple[list[str], int]:
             for node in prompt.values():
                 if node["class_type"] == "DualCLIPLoader":
                     node["class_type"] = "DCGenSmokeTextEncoder"
+                elif node["class_type"] == "DCGenSanaTextEncoderLoader":
+                    node["class_type"] = "DCGenSmokeSanaTextEncoder"
                 for (cls, key), value in SMALL.items():
                     if node["class_type"] == cls and key in node["inputs"]:
                         node["inputs"][key] = value
                 if node["class_type"] == "DCGenSampler" and "latent" not in node["inputs"]:
                     node["inputs"]["width"], node["inputs"]["height"] = 128, 128
-            runtime.register({"DCGenSmokeTextEncoder": loader})
+            runtime.register({"DCGenSmokeTextEncoder": loader, "DCGenSmokeSanaTextEncoder": sana_loader})
             runtime.executor.reset()
             outputs = runtime.run(prompt)
             images = sum(len(o.get("images", [])) for o in outputs.values())
@@ -283,4 +355,5 @@ def _run_in(root: str, workflows: list[str], runtime) -> tuple[list[str], int]:
                          f"{str(e).splitlines()[0] if str(e) else ''}")
         finally:
             runtime.nodes.NODE_CLASS_MAPPINGS.pop("DCGenSmokeTextEncoder", None)
+            runtime.nodes.NODE_CLASS_MAPPINGS.pop("DCGenSmokeSanaTextEncoder", None)
     return lines, failures

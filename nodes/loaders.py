@@ -4,9 +4,13 @@ from ..dcgen_core import comfy_paths
 from ..dcgen_core.comfy_vae import load_comfy_vae
 from ..dcgen_core.dcae import VARIANTS
 from ..dcgen_core.embedding import load_aligned_embedding
-from ..dcgen_core.flux import WEIGHT_DTYPES, apply_aligned_embedding, load_flux_transformer
+from ..dcgen_core.architectures import apply_aligned_embedding
+from ..dcgen_core.flux import load_flux_transformer
 from ..dcgen_core.flux_4bit import SVDQUANT_BACKENDS, load_4bit_flux
+from ..dcgen_core.latent_space import WEIGHT_DTYPES
 from ..dcgen_core.lora import apply_lora
+from ..dcgen_core.sana.comfy_model import load_sana_transformer
+from ..dcgen_core.sana.text_encoder import load_sana_text_encoder
 
 CATEGORY = "DC-Gen/loaders"
 
@@ -36,6 +40,14 @@ class DCAELoader:
         return (load_comfy_vae(comfy_paths.full_path("vae", vae_name), variant),)
 
 
+def _transformer_inputs(unet_tip: str) -> dict:
+    """A transformer file or diffusers folder in models/diffusion_models, weight_dtype, the optional DC-AE VAE."""
+    return {"required": {
+        "unet_name": (comfy_paths.weight_files("diffusion_models"), {"tooltip": unet_tip}),
+        "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "As in Load Diffusion Model."}),
+    }, "optional": {"vae": ("VAE", {"tooltip": _VAE_TIP})}}
+
+
 class DCGenModelLoader:
     DESCRIPTION = ("Load a DC-Gen transformer (e.g. DC-Gen-FLUX.1-Krea-Dev Res1K/Res4K) as a MODEL that samples "
                    "DC-AE latents. Memory-mapped; a diffusers folder is picked by its first shard.")
@@ -45,12 +57,8 @@ class DCGenModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "unet_name": (comfy_paths.weight_files("diffusion_models"), {
-                "tooltip": "Transformer in models/diffusion_models: single safetensors (diffusers or BFL keys) or a "
-                           "diffusers transformer folder (sharded, with its index json)."}),
-            "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "As in Load Diffusion Model."}),
-        }, "optional": {"vae": ("VAE", {"tooltip": _VAE_TIP})}}
+        return _transformer_inputs("Transformer in models/diffusion_models: single safetensors (diffusers or BFL "
+                                   "keys) or a diffusers transformer folder (sharded, with its index json).")
 
     def load(self, unet_name, weight_dtype, vae=None):
         return (load_flux_transformer(comfy_paths.full_path("diffusion_models", unet_name), weight_dtype, vae=vae),)
@@ -81,6 +89,42 @@ class DCGenNVFP4ModelLoader:
     def load(self, unet_name, svdquant_backend="auto", vae=None):
         return (load_4bit_flux(comfy_paths.full_path("diffusion_models", unet_name), vae=vae,
                                svdquant_backend=svdquant_backend),)
+
+
+class DCGenSanaModelLoader:
+    DESCRIPTION = ("Load a SANA transformer (SANA 600M / 1.6B, SANA-1.5, DC-Gen-SANA) as a MODEL for core samplers: "
+                   "diffusers folders or single files, or original NVlabs/Sana safetensors. Samples DC-AE latents "
+                   "(f32c32 for SANA) with SANA's flow shift 3.0; encode prompts with Load SANA Text Encoder.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _transformer_inputs("SANA transformer in models/diffusion_models: a diffusers transformer folder or "
+                                   "file, or an original SANA checkpoint as safetensors (with a config.json beside "
+                                   "it for widths other than SANA's own).")
+
+    def load(self, unet_name, weight_dtype, vae=None):
+        return (load_sana_transformer(comfy_paths.full_path("diffusion_models", unet_name), weight_dtype, vae=vae),)
+
+
+class DCGenSanaTextEncoderLoader:
+    DESCRIPTION = ("Load Gemma-2-2B as SANA's text encoder: the final normed hidden state, the official complex "
+                   "human instruction and 300-token selection, and the attention mask, for CLIP Text Encode.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_name": (comfy_paths.weight_files("text_encoders"), {
+                "tooltip": "Gemma-2-2B in models/text_encoders (ComfyUI's gemma_2_2b file, as for Lumina 2)."}),
+        }}
+
+    def load(self, clip_name):
+        return (load_sana_text_encoder(comfy_paths.full_path("text_encoders", clip_name)),)
 
 
 class DCGenApplyAlignedEmbedding:
@@ -128,6 +172,8 @@ LOADER_NODES = {
     "DCGenDCAELoader": (DCAELoader, "Load DC-AE VAE (DC-Gen)"),
     "DCGenModelLoader": (DCGenModelLoader, "Load DC-Gen Diffusion Model"),
     "DCGenNVFP4ModelLoader": (DCGenNVFP4ModelLoader, "Load DC-Gen Diffusion Model (NVFP4)"),
+    "DCGenSanaModelLoader": (DCGenSanaModelLoader, "Load SANA Diffusion Model (DC-Gen)"),
+    "DCGenSanaTextEncoderLoader": (DCGenSanaTextEncoderLoader, "Load SANA Text Encoder (Gemma-2)"),
     "DCGenApplyAlignedEmbedding": (DCGenApplyAlignedEmbedding, "Apply DC-Gen Aligned Embedding"),
     "DCGenLoraLoader": (DCGenLoraLoader, "Load DC-Gen LoRA"),
 }

@@ -1,6 +1,7 @@
 """The DC-Gen sampler node (text-to-image and img2img up to 4096x4096)."""
 
 from ..dcgen_core.sampling import sample
+from ..dcgen_core.schedules import FLOW_SCHEDULES, flow_schedule_sigmas
 from .latent import MAX_RESOLUTION
 
 
@@ -30,7 +31,8 @@ class DCGenSampler:
                                    "tooltip": "Images per run (with a LATENT: 1, or its batch)."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps (official: 20)."}),
             "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
-                                   "tooltip": "FLUX guidance embedding (the official value is 3.5)."}),
+                                   "tooltip": "FLUX: the guidance embedding (official 3.5). SANA: the classifier-free "
+                                              "guidance scale (official 4.5), with the negative connected."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Noise seed (the same noise as KSampler with this seed)."}),
             "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler",
@@ -42,12 +44,49 @@ class DCGenSampler:
         }, "optional": {
             "latent": ("LATENT", {"tooltip": "img2img: a DC-AE latent of this model (e.g. VAE Encode with the DC-AE)."}),
             "vae": ("VAE", {"tooltip": "The model's DC-AE: also decode to IMAGE (tiles when memory is short)."}),
+            "negative": ("CONDITIONING", {"tooltip": "SANA models only: the negative prompt (official: \"\"), for "
+                                                     "classifier-free guidance. FLUX ignores it (guidance-distilled)."}),
         }}
 
     def run(self, model, positive, width, height, batch_size, steps, guidance, seed, sampler_name, scheduler,
-            denoise, latent=None, vae=None):
+            denoise, latent=None, vae=None, negative=None):
         return sample(model, positive, width, height, steps, guidance, seed, sampler_name, scheduler, denoise,
-                      latent=latent, vae=vae, batch_size=batch_size)
+                      latent=latent, vae=vae, negative=negative, batch_size=batch_size)
 
 
-SAMPLER_NODES = {"DCGenSampler": (DCGenSampler, "DC-Gen Sampler (4K)")}
+class DCGenFlowSigmas:
+    DESCRIPTION = ("Sigmas (final 0 included) of a diffusers flow-matching scheduler, for SamplerCustomAdvanced.\n"
+                   "'flow-match euler (diffusers)': FlowMatchEulerDiscreteScheduler(shift); with KSamplerSelect "
+                   "'euler' it reproduces SANA's diffusers pipelines on that scheduler step for step.\n"
+                   "'dpm-solver++ flow (diffusers)': DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift=shift), "
+                   "SANA's official (default) scheduler. Its DPM-Solver++(2M) steps are reproduced by core "
+                   "SamplerDPMPP_2M_SDE with eta 0 and solver_type midpoint (s_noise and noise_device do nothing at "
+                   "eta 0). No KSamplerSelect name is exact: 'dpmpp_2m' takes its second-order step ratios in "
+                   "log-sigma rather than the flow's log-SNR (about 1e-2 off in 20 steps on a test field), and "
+                   "'dpmpp_2m_sde' there has eta 1 (adds noise). Left over, in the model's inputs rather than the "
+                   "solver (about 1e-3 on a test field): diffusers' SanaPipeline starts from the noise itself, "
+                   "ComfyUI from sigma0 * noise (sigma0 = 0.99967 at shift 3), and diffusers feeds the transformer "
+                   "integer timesteps int(1000 * sigma), ComfyUI 1000 * sigma.")
+    CATEGORY = "DC-Gen/sampling"
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps (SANA: 20)."}),
+            "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                "tooltip": "Flow shift: sigma = shift * t / (1 + (shift - 1) * t) (SANA: 3.0)."}),
+            "schedule": (list(FLOW_SCHEDULES), {
+                "tooltip": "Which diffusers scheduler's sigmas to reproduce. 'flow-match euler (diffusers)': "
+                           "FlowMatchEulerDiscreteScheduler, sample with euler. 'dpm-solver++ flow (diffusers)': "
+                           "DPMSolverMultistepScheduler (SANA's official DPM-Solver++), sample with "
+                           "SamplerDPMPP_2M_SDE, eta 0, midpoint."}),
+        }}
+
+    def run(self, steps, shift, schedule):
+        return (flow_schedule_sigmas(schedule, steps, shift),)
+
+
+SAMPLER_NODES = {"DCGenSampler": (DCGenSampler, "DC-Gen Sampler (4K)"),
+                 "DCGenFlowSigmas": (DCGenFlowSigmas, "DC-Gen Flow Sigmas (SANA)")}

@@ -36,6 +36,12 @@ STAGES = {
     "dcgen-flux-4k-nvfp4.json": [
         ("Load DC-Gen 4K (NVFP4) + DC-AE-1.5", [[2, 3]]), ("Prompt", [[4, 5]]), ("Sample 4096x4096", [[6]]),
         ("Save", [[7]])],
+    "sana-1k-t2i.json": [
+        ("Load SANA + DC-AE + Gemma-2", [[2, 3], [4]]), ("Prompt", [[5, 6]]),
+        ("Sample: DPM-Solver++ flow, cfg 4.5", [[7, 8], [9, 10], [11, 12]]), ("Decode and save", [[13], [14]])],
+    "dcgen-sana-4k-t2i.json": [
+        ("SANA + DC-Gen embedding + LoRA", [[2, 3], [4, 5]]), ("Prompt", [[6], [7, 8]]),
+        ("Sample 4096x4096", [[9]]), ("Save", [[10]])],
     "dcgen-flux-1k-upscale-4k-refine.json": [
         ("Prompt", [[4, 5]]), ("1K draft", [[2, 3], [6]]), ("Upscale", [[7, 8], [9]]),
         ("4K refine (img2img)", [[10, 11], [12], [13]]), ("Save", [[14]])],
@@ -47,6 +53,8 @@ TITLES = {  # node titles where the type alone does not say the node's role
     "dcgen-flux-1k-upscale-4k-refine.json": {6: "DC-Gen Sampler: 1K draft", 13: "DC-Gen Sampler: 4K refine",
                                              3: "DC-Gen 1K model", 11: "DC-Gen 4K model"},
     "dcgen-flux-controlnet-chain.json": {6: "DC-Gen Sampler: 1K draft", 15: "KSampler: FLUX.1 + ControlNet"},
+    "sana-1k-t2i.json": {5: "CLIP Text Encode (positive)", 6: "CLIP Text Encode (negative)"},
+    "dcgen-sana-4k-t2i.json": {7: "CLIP Text Encode (positive)", 8: "CLIP Text Encode (negative)"},
 }
 GROUP_COLORS = ["#3f789e", "#8a6d3b", "#3f7f5f", "#7e5a9b", "#a1583f"]
 

@@ -98,3 +98,29 @@ class TestImage:
 
 NODE_CLASS_MAPPINGS["TestLatentFromMask"] = TestLatentFromMask
 NODE_CLASS_MAPPINGS["TestImage"] = TestImage
+
+
+class TestMaskedEmbeds:
+    """Fixed text embeddings with an attention mask (SANA's conditioning): EMBEDDINGS[key] = (cond, mask)."""
+
+    CATEGORY = "_test"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"key": ("STRING", {"default": "default"})}}
+
+    def run(self, key):
+        cond, mask = EMBEDDINGS[key]
+        return ([[cond.clone(), {"attention_mask": mask.clone()}]],)
+
+
+NODE_CLASS_MAPPINGS["TestMaskedEmbeds"] = TestMaskedEmbeds
+
+
+def tiny_sana_text_encoder_loader():
+    """Load SANA Text Encoder's inputs (shipped workflows run unchanged), a tiny encoder of the tiny SANA's width."""
+    from tiny import SANA_CAPTION
+
+    return smoke.tiny_sana_text_encoder_loader(SANA_CAPTION)

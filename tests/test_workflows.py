@@ -23,7 +23,7 @@ import tiny
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 ALL = sorted(glob.glob(os.path.join(WORKFLOWS, "*.json")))
 # combo widgets that list model files: their values name files users download
-FILE_WIDGETS = {"vae_name", "unet_name", "lora_name", "embedding_name", "clip_name1", "clip_name2",
+FILE_WIDGETS = {"vae_name", "unet_name", "lora_name", "embedding_name", "clip_name", "clip_name1", "clip_name2",
                 "control_net_name", "model_name"}
 
 
@@ -112,21 +112,21 @@ def _run(comfyui, wf, overrides):
     """Execute the workflow; ``overrides`` set inputs of every node of a class: {(class_type, input_name): value}."""
     from dcgen_core.headless import workflow_to_prompt
 
-    classes = dict(comfyui.runtime.node_classes)
-    classes["DualCLIPLoader"] = comfyui.test_nodes.TinyDualCLIPLoader
-    saved = comfyui.runtime.node_classes["DualCLIPLoader"]
-    comfyui.runtime.node_classes["DualCLIPLoader"] = comfyui.test_nodes.TinyDualCLIPLoader
+    tiny_encoders = {"DualCLIPLoader": comfyui.test_nodes.TinyDualCLIPLoader,
+                     "DCGenSanaTextEncoderLoader": comfyui.test_nodes.tiny_sana_text_encoder_loader()}
+    saved = {k: comfyui.runtime.node_classes[k] for k in tiny_encoders}
+    comfyui.runtime.node_classes.update(tiny_encoders)
     # Tests write different weights under the same names; ComfyUI caches node outputs by inputs, not file contents.
     comfyui.runtime.executor.reset()
     try:
-        prompt = workflow_to_prompt(wf, classes)
+        prompt = workflow_to_prompt(wf, comfyui.runtime.node_classes)
         for node_id, node in prompt.items():
             for (target, name), value in overrides.items():  # target: a class type, or "#<node id>"
                 if target in (node["class_type"], f"#{node_id}"):
                     node["inputs"][name] = value
         return comfyui.runtime.run(prompt)
     finally:
-        comfyui.runtime.node_classes["DualCLIPLoader"] = saved
+        comfyui.runtime.node_classes.update(saved)
 
 
 def _assert_saved_image(comfyui, outputs, size):
@@ -244,3 +244,39 @@ def test_controlnet_chain_workflow_runs_headless(comfyui, tiny_vae, flux_full_wi
                                  ("EmptySD3LatentImage", "width"): 96, ("EmptySD3LatentImage", "height"): 64,
                                  ("KSampler", "steps"): 2})
     _assert_saved_image(comfyui, outputs, (96, 64))
+
+
+def _sana_files(comfyui, wf, sana, vae_name=None, vae=None):
+    _place(comfyui, "diffusion_models", _widget(wf, "DCGenSanaModelLoader", 0),
+           lambda p: sana.save_pretrained(p, safe_serialization=True))
+    if vae_name is not None:
+        _place(comfyui, "vae", vae_name, lambda p: tiny.save_dcae_folder(vae, p))
+    _place(comfyui, "text_encoders", _widget(wf, "DCGenSanaTextEncoderLoader", 0),
+           lambda p: save_file({"unused": torch.zeros(1)}, p))
+
+
+def test_sana_workflow_runs_headless(comfyui, tiny_vae):
+    """SANA 1K: SANA + its DC-AE f32c32 + Gemma-2 (tiny stand-in) -> CFGGuider (cfg 4.5) + SamplerDPMPP_2M_SDE
+    (eta 0, midpoint) + DC-Gen Flow Sigmas (DPM-Solver++ flow) -> SamplerCustomAdvanced -> VAE Decode."""
+    wf = _load(os.path.join(WORKFLOWS, "sana-1k-t2i.json"))
+    _sana_files(comfyui, wf, tiny.tiny_sana(), _widget(wf, "DCGenDCAELoader", 0), tiny_vae)
+    outputs = _run(comfyui, wf, {("DCGenEmptyLatent", "width"): 256, ("DCGenEmptyLatent", "height"): 192,
+                                 ("DCGenFlowSigmas", "steps"): 3})
+    _assert_saved_image(comfyui, outputs, (256, 192))
+
+
+def test_dcgen_sana_4k_workflow_runs_headless(comfyui, dcgen_4k):
+    """DC-Gen-SANA 4K: SANA + 128-channel aligned embedding + DC-Gen LoRA -> DC-Gen Sampler (4K) with the negative
+    (cfg 4.5) -> decoded by its DC-AE-1.5 f64c128."""
+    wf = _load(os.path.join(WORKFLOWS, "dcgen-sana-4k-t2i.json"))
+    sana = tiny.tiny_sana()
+    _sana_files(comfyui, wf, sana, _widget(wf, "DCGenDCAELoader", 0), dcgen_4k[1])
+    emb = os.path.join(comfyui.dirs["dcgen_embeddings"], _widget(wf, "DCGenApplyAlignedEmbedding", 0))
+    lora = os.path.join(comfyui.dirs["loras"], _widget(wf, "DCGenLoraLoader", 0))
+    for path in (emb, lora):
+        if os.path.lexists(path):
+            os.remove(path)
+    tiny.write_dcgen_sana(sana, emb, lora)
+    outputs = _run(comfyui, wf, {("DCGenSampler", "width"): 256, ("DCGenSampler", "height"): 192,
+                                 ("DCGenSampler", "steps"): 2})
+    _assert_saved_image(comfyui, outputs, (256, 192))

@@ -313,3 +313,50 @@ def link_or_copy(src: str, dst: str):
     except OSError:
         shutil.copyfile(src, dst)
     return dst
+
+
+# --- SANA ----------------------------------------------------------------------------------------------------------
+
+SANA_CAPTION = 24
+SANA_TINY = dict(in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                 num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                 caption_channels=SANA_CAPTION, sample_size=8, patch_size=1, mlp_ratio=2.5)
+SANA_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "ff.conv_inverted", "ff.conv_point")
+
+
+def tiny_sana(seed: int = 11):
+    """A tiny random SANA (diffusers SanaTransformer2DModel, DC-AE f32c32 channels)."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    return _randomize(SanaTransformer2DModel(**SANA_TINY).eval(), seed=seed, scale=0.15)
+
+
+def write_dcgen_sana(sana, embedding_path: str, lora_path: str, channels: int = 128, seed: int = 5):
+    """A DC-Gen aligned embedding (``channels``) and LoRA for ``sana`` in their files; returns the merged
+    DC-Gen-SANA (diffusers) they make together."""
+    from diffusers import SanaTransformer2DModel
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = SANA_TINY["num_attention_heads"] * SANA_TINY["attention_head_dim"]
+    emb = {"patch_embed.proj.weight": 0.2 * torch.randn(hidden, channels, 1, 1, generator=g),
+           "patch_embed.proj.bias": 0.05 * torch.randn(hidden, generator=g),
+           "proj_out.weight": 0.2 * torch.randn(channels, hidden, generator=g),
+           "proj_out.bias": 0.05 * torch.randn(channels, generator=g)}
+    save_file(emb, embedding_path)
+    base = sana.state_dict()
+    lora, merged = {}, {k: v.clone() for k, v in base.items()}
+    for i in range(SANA_TINY["num_layers"]):
+        for t in SANA_LORA_TARGETS:
+            m = f"transformer_blocks.{i}.{t}"
+            w = base[f"{m}.weight"]
+            down = 0.3 * torch.randn(LORA_RANK, w.shape[1], generator=g)
+            up = 0.3 * torch.randn(w.shape[0], LORA_RANK, generator=g)
+            lora[f"transformer.{m}.lora_A.weight"], lora[f"transformer.{m}.lora_B.weight"] = down, up
+            merged[f"{m}.weight"] = w + ((LORA_ALPHA / LORA_RANK) * up @ down).reshape(w.shape)
+    save_file(lora, lora_path, metadata={"lora_adapter_metadata": json.dumps({"r": LORA_RANK, "lora_alpha": LORA_ALPHA})})
+    merged.update(emb)
+    model = SanaTransformer2DModel(**dict(SANA_TINY, in_channels=channels, out_channels=channels)).eval()
+    model.load_state_dict(merged, strict=True)
+    return model

@@ -1,0 +1,1 @@
+"""SANA text-to-image transformer (linear-attention DiT) built with ComfyUI operations."""

@@ -1,0 +1,168 @@
+"""SANA as a ComfyUI model: a model config (``supported_models_base.BASE``), a flow-matching ``BaseModel`` and the
+transformer loader.
+
+ComfyUI core has no SANA. The model config gives ComfyUI what it needs for any model: the latent format of the
+DC-AE the model samples (f32c32 for SANA, DC-AE-1.5 f64c128 for DC-Gen-SANA), flow sampling with SANA's shift
+(sigma = shift * t / (1 + (shift - 1) * t), shift 3.0, timestep = 1000 * sigma) and the inference dtypes; the
+BaseModel passes the text attention mask from the conditioning. So core KSampler / SamplerCustomAdvanced, LoRA
+loaders, previews and offloading work on it as on core models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoints import load_checkpoint, owned
+from ..comfy_compat import archive_weight_dtypes, make_model_patcher
+from ..errors import DCGenError
+from ..latent_space import (SPATIAL_COMPRESSION, check_context_width, check_latent_channels, check_size_for_model,
+                            install_empty_latent_hook, install_preview_hook, load_with_cached_init, make_latent_format,
+                            resolve_scaling, unet_dtype_for)
+from .keys import is_diffusers_sana, is_original_sana, original_to_diffusers, sana_config_from_state_dict, unwrap
+from .model import SanaConfig, SanaTransformer
+
+#: SANA's flow shift (its pipelines' scheduler config), and the largest side its models are made for.
+SANA_FLOW_SHIFT = 3.0
+SANA_MAX_SIDE = 4096
+_CLASSES = {}
+
+
+def comfy_classes():
+    """(model config class, BaseModel class), built once ComfyUI is importable."""
+    if _CLASSES:
+        return _CLASSES["config"], _CLASSES["model"]
+    import comfy.conds
+    import comfy.model_base
+    import comfy.supported_models_base
+
+    class ComfySanaTransformer(SanaTransformer):
+        """The transformer as ComfyUI's BaseModel builds its diffusion model: from the unet config's fields."""
+
+        def __init__(self, image_model=None, sana_config=None, dtype=None, device=None, operations=None, **_):
+            super().__init__(SanaConfig(**sana_config), dtype=dtype, device=device, operations=operations)
+
+    class SanaModel(comfy.model_base.BaseModel):
+        def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLOW, device=None):
+            super().__init__(model_config, model_type, device=device, unet_model=ComfySanaTransformer)
+
+        def extra_conds(self, **kwargs):
+            out = super().extra_conds(**kwargs)
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                out["attention_mask"] = comfy.conds.CONDRegular(mask)
+            return out
+
+    class Sana(comfy.supported_models_base.BASE):
+        unet_config = {"image_model": "sana"}
+        unet_extra_config = {}
+        sampling_settings = {"shift": SANA_FLOW_SHIFT, "multiplier": 1000.0}
+        memory_usage_factor = 1.0
+        supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+        vae_key_prefix = ["vae."]
+        text_encoder_key_prefix = ["text_encoders."]
+
+        def get_model(self, state_dict, prefix="", device=None):
+            return SanaModel(self, device=device)
+
+    _CLASSES.update(config=Sana, model=SanaModel)
+    return Sana, SanaModel
+
+
+def require_sana(model, subject: str = "model") -> SanaTransformer:
+    dm = model.get_model_object("diffusion_model")
+    if not isinstance(dm, SanaTransformer):
+        raise DCGenError(f"{subject}: expected a SANA model (from Load SANA Diffusion Model), found "
+                         f"{type(model.model).__name__} with a {type(dm).__name__} transformer.")
+    return dm
+
+
+def read_sana_checkpoint(path: str):
+    """(diffusers-keyed state dict of mapped views, SanaConfig) of a SANA transformer in diffusers or original
+    NVlabs/Sana layout (single safetensors or diffusers folder)."""
+    ckpt = load_checkpoint(path, component="transformer")
+    sd = unwrap(ckpt.state_dict)
+    if is_original_sana(sd):
+        sd = original_to_diffusers(sd)
+    elif not is_diffusers_sana(sd):
+        sample = ", ".join(sorted(sd)[:3])
+        raise DCGenError(f"{path}: expected a SANA transformer (diffusers SanaTransformer2DModel or original "
+                         f"NVlabs/Sana keys), found keys like {sample}.")
+    return sd, sana_config_from_state_dict(sd, ckpt.config)
+
+
+def sana_info(channels: int, scaling: float, shift: float = SANA_FLOW_SHIFT) -> dict:
+    """The DC-AE facts a SANA MODEL carries (read by the pack's latent hooks, size checks and sampler)."""
+    return {"architecture": "sana", "latent_channels": channels, "spatial_compression": SPATIAL_COMPRESSION[channels],
+            "scaling_factor": scaling, "rule": "sana-flow", "shift": f"flow shift {shift}", "fixed_resolution": None,
+            "max_side": SANA_MAX_SIDE, "name": "SANA" if channels == 32 else f"DC-Gen-SANA ({channels}-channel DC-AE)"}
+
+
+CHECKS_KEY = "dcgen_sana_checks"
+
+
+def _sana_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """Before sampling a SANA model: the latent is one of its DC-AE, on its grid and in range, and the text comes
+    from Gemma-2 (SANA's caption width); otherwise the failure would be a shape error deep in the transformer."""
+    guider = executor.class_obj
+    info = guider.model_options.get("dcgen")
+    if info is not None:
+        check_latent_channels(latent_image, info["latent_channels"])
+        if latent_image.ndim == 4:
+            f = info["spatial_compression"]
+            check_size_for_model(info, latent_image.shape[-1] * f, latent_image.shape[-2] * f)
+        dm = guider.model_patcher.get_model_object("diffusion_model")
+        check_context_width(getattr(guider, "conds", {}) or {}, dm.config.caption_channels, "SANA",
+                            "Encode the prompt with Load SANA Text Encoder (Gemma-2-2B).")
+    return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+
+def build_comfy_sana(sd: dict, cfg: SanaConfig, weight_dtype: str, source: str, scaling: float,
+                     disable_dynamic: bool = False):
+    import comfy.model_management as mm
+
+    if cfg.in_channels != cfg.out_channels or cfg.in_channels not in SPATIAL_COMPRESSION:
+        raise DCGenError(f"{source}: expected a SANA transformer for a DC-AE latent (32, 128 or 512 channels in and "
+                         f"out), found {cfg.in_channels} in / {cfg.out_channels} out.")
+    config_cls, _ = comfy_classes()
+    model_config = config_cls({"image_model": "sana", "sana_config": cfg.to_dict()})
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    unet_dtype = unet_dtype_for(weight_dtype, sd, model_config)
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    model = model_config.get_model(sd, "", device="meta")
+    model.device = None
+    dm = model.diffusion_model
+    expected = dm.state_dict()
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    wrong = [k for k in expected if k in sd and tuple(expected[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or wrong:
+        raise DCGenError(f"{source}: expected the tensors of a SANA transformer with {cfg.num_layers} blocks, found "
+                         f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}.")
+    # owned memory, one tensor at a time (a later change to the file cannot reach the model)
+    def own(v):
+        return owned(v, unet_dtype if v.is_floating_point() else None)
+
+    dm.load_state_dict({k: own(sd.pop(k)) for k in list(sd)}, strict=True, assign=True)
+    archive_weight_dtypes(dm)
+    model.latent_format = make_latent_format(cfg.in_channels, scaling)
+    model.to(offload_device)
+    m = make_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
+    install_preview_hook()
+    install_empty_latent_hook()
+    m.model_options["dcgen"] = sana_info(cfg.in_channels, scaling)
+    import comfy.patcher_extension as pe
+
+    m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, CHECKS_KEY, _sana_outer_sample)
+    return m
+
+
+def _load_sana_patcher(path: str, weight_dtype: str, vae=None, disable_dynamic: bool = False):
+    sd, cfg = read_sana_checkpoint(path)
+    scaling = resolve_scaling(cfg.in_channels, vae, path)
+    return build_comfy_sana(sd, cfg, weight_dtype, path, scaling, disable_dynamic=disable_dynamic)
+
+
+def load_sana_transformer(path: str, weight_dtype: str = "default", vae=None):
+    """Load a SANA (or DC-Gen-SANA) transformer as a ComfyUI MODEL sampling DC-AE latents."""
+    return load_with_cached_init(_load_sana_patcher, path, weight_dtype, vae=vae)
