@@ -11,7 +11,7 @@ PIP="python -m pip --no-input --disable-pip-version-check"
 # because ComfyUI v0.33's comfy/sd.py imports it (2.11 is the newest on PyPI and imports with torch 2.14).
 $PIP install "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 $PIP install "torch==${TORCH_VERSION:-2.14.1}" "torchaudio==${TORCHAUDIO_VERSION:-2.11.1}"
-$PIP install -e ".[test,cli]"
+$PIP install -e ".[test,cli,train]"
 
 # oldest version first, so that where two versions pin a package differently the newest pin is kept
 mapfile -t CHECKOUTS < <(python - <<'PY'
