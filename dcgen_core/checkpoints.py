@@ -95,6 +95,26 @@ def load_safetensors(path: str, device: str = "cpu", copy: bool = False) -> tupl
     return sd, dict(header.get("__metadata__") or {})
 
 
+def weight_format(keys, metadata: dict) -> str:
+    """``nvfp4`` (ComfyUI's 4-bit format), ``svdquant`` (nunchaku's) or ``plain`` (bf16/fp16/fp32/fp8) from a
+    file's tensor names and header metadata."""
+    if any(k.endswith(".comfy_quant") for k in keys) or metadata.get("_quantization_metadata"):
+        return "nvfp4"
+    if any(k.endswith(".qweight") for k in keys):
+        return "svdquant"
+    return "plain"
+
+
+def check_tensors_match(expected: dict, found: dict, source: str, what: str):
+    """``found`` holds exactly ``expected``'s tensor names and shapes (a model's state dict); else an error naming
+    the file, the missing, unexpected and wrongly shaped tensors."""
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [k for k in expected if k in found and tuple(expected[k].shape) != tuple(found[k].shape)]
+    if missing or unexpected or wrong:
+        raise DCGenError(f"{source}: expected the tensors of {what}, found missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, wrong shapes {wrong[:4]}.")
+
+
 def owned(value, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A tensor in private memory, in ``dtype``: from a view of a mapped file (copied), or from a callable that
     computes a new tensor (a fused weight; converted, the intermediate dropped at once)."""

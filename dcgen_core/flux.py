@@ -21,16 +21,16 @@ import logging
 
 import torch.nn.functional as F
 
-from .checkpoints import load_checkpoint, owned
+from .checkpoints import check_tensors_match, load_checkpoint, owned, weight_format
 from .comfy_compat import flux_model_keys, flux_params_kwargs, make_model_patcher
 from .comfy_vae import check_resolution
 from .embedding import AlignedEmbedding, check_embedding_for_model
 from .errors import DCGenError
 from .flux_keys import diffusers_to_bfl, flux_config_from_state_dict, is_bfl_flux, is_diffusers_flux, strip_prefix
 from .latent_space import (NATIVE_RESOLUTION, SPATIAL_COMPRESSION, check_latent_channels, check_size_for_model,
-                           dcgen_info, install_empty_latent_hook, install_preview_hook, load_with_cached_init,
-                           encoder_name, linear_like, logical_weights, make_latent_format, require_dcgen, resolve_scaling,
-                           unet_dtype_for)
+                           dcgen_info, encoder_name, install_empty_latent_hook, install_preview_hook, linear_like,
+                           load_with_cached_init, logical_weights, make_latent_format, require_dcgen, resolve_scaling,
+                           set_inference_dtypes)
 from .schedules import RULES, TimeShift, comfy_model_sampling, official_shift, retarget_sigmas
 
 WRAPPER_KEY = "dcgen_dcae_tokens"
@@ -290,9 +290,7 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
     model_config = flux_model_config(sd_bfl, cfg, source)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
-    unet_dtype = unet_dtype_for(weight_dtype, sd_bfl, model_config)
-    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd_bfl, load_device)
     if weight_dtype == "fp8_e4m3fn_fast":
         model_config.optimizations["fp8"] = True
 
@@ -306,14 +304,8 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
         setattr(dm.get_submodule(parent) if parent else dm, name, module)
     sd_bfl = {k: v for k, v in sd_bfl.items() if not k.startswith(replaced)}
     expected = {k: v for k, v in dm.state_dict().items() if not k.startswith(replaced)}
-    missing = sorted(set(expected) - set(sd_bfl))
-    unexpected = sorted(set(sd_bfl) - set(expected))
-    wrong = [k for k in expected if k in sd_bfl and tuple(expected[k].shape) != tuple(sd_bfl[k].shape)]
-    if missing or unexpected or wrong:
-        raise DCGenError(
-            f"{source}: expected the keys of a FLUX transformer with {cfg.depth} double / {cfg.depth_single_blocks} "
-            f"single blocks, found missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}."
-        )
+    check_tensors_match(expected, sd_bfl, source,
+                        f"a FLUX transformer with {cfg.depth} double / {cfg.depth_single_blocks} single blocks")
     # owned memory, one tensor at a time: the model never stays backed by the file, and a load peaks near its size
     result = dm.load_state_dict({k: owned(sd_bfl.pop(k), unet_dtype) for k in list(sd_bfl)}, strict=False,
                                 assign=True)
@@ -340,8 +332,7 @@ def read_flux_checkpoint(path: str):
     ckpt = load_checkpoint(path, component="transformer")
     sd = strip_prefix(ckpt.state_dict)
     del ckpt.state_dict
-    four_bit = ("NVFP4" if any(k.endswith(".comfy_quant") for k in sd) or ckpt.metadata.get("_quantization_metadata")
-                else "nunchaku SVDQuant" if any(k.endswith(".qweight") for k in sd) else None)
+    four_bit = {"nvfp4": "NVFP4", "svdquant": "nunchaku SVDQuant"}.get(weight_format(sd, ckpt.metadata))
     if four_bit:
         raise DCGenError(f"{path}: expected a bf16/fp16/fp32 FLUX transformer, found a 4-bit {four_bit} file. Load it "
                          "with Load DC-Gen Diffusion Model (NVFP4).")

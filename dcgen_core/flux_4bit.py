@@ -15,24 +15,15 @@ import os
 import torch
 
 from . import nvfp4
-from .checkpoints import load_safetensors, owned
+from .checkpoints import load_safetensors, owned, read_safetensors_header, weight_format
 from .comfy_compat import flux_model_keys, make_model_patcher
 from .errors import DCGenError
 from .flux import _install_latent_space, dcgen_channels, flux_model_config
-from .latent_space import load_with_cached_init, resolve_scaling
 from .flux_keys import flux_config_from_state_dict, is_bfl_flux, strip_prefix
+from .latent_space import load_with_cached_init, resolve_scaling
 from .quantized_ops import PACK_OPS, operations_for
 
 METADATA_KEY = "dcgen"
-
-
-def file_kind(sd: dict, metadata: dict) -> str:
-    """``nvfp4``, ``svdquant`` or ``plain`` (a bf16/fp16/fp8 file) from a safetensors state dict and header."""
-    if any(k.endswith(nvfp4.QUANT_CONF_SUFFIX) for k in sd) or metadata.get("_quantization_metadata"):
-        return "nvfp4"
-    if any(k.endswith(".qweight") for k in sd):
-        return "svdquant"
-    return "plain"
 
 
 def dcgen_metadata(metadata: dict, source: str) -> dict:
@@ -105,7 +96,7 @@ def read_nvfp4_file(path: str):
     """(BFL state dict of mapped views, quantized layers, FluxConfig, DC-Gen header facts) of an NVFP4 file."""
     sd, metadata = load_safetensors(path)
     sd = strip_prefix(sd)
-    kind = file_kind(sd, metadata)
+    kind = weight_format(sd, metadata)
     if kind == "svdquant":
         raise DCGenError(f"{path}: expected a ComfyUI NVFP4 file, found a nunchaku SVDQuant file (qweight/wscales "
                          "tensors); it is read by the same node with the svdquant format.")
@@ -151,8 +142,6 @@ SVDQUANT_BACKENDS = ("auto", "nunchaku", "torch")
 
 def load_4bit_flux(path: str, vae=None, svdquant_backend: str = "auto", ops: str = "auto"):
     """The 4-bit loader node's entry: an NVFP4 file or a nunchaku SVDQuant file, told apart by their tensors."""
-    from .checkpoints import read_safetensors_header
-
     if svdquant_backend not in SVDQUANT_BACKENDS:
         raise DCGenError(f"svdquant_backend: expected one of {list(SVDQUANT_BACKENDS)}, found '{svdquant_backend}'.")
     header = read_safetensors_header(path) if path.endswith((".safetensors", ".sft")) else None
@@ -160,8 +149,7 @@ def load_4bit_flux(path: str, vae=None, svdquant_backend: str = "auto", ops: str
         raise DCGenError(f"{path}: expected a single 4-bit .safetensors file, found "
                          f"{'a folder' if os.path.isdir(path) else 'another kind of file'}. Load bf16 diffusers "
                          "folders with Load DC-Gen Diffusion Model.")
-    keys = {k: None for k in header if k != "__metadata__"}
-    kind = file_kind(keys, header.get("__metadata__") or {})
+    kind = weight_format([k for k in header if k != "__metadata__"], header.get("__metadata__") or {})
     if kind == "svdquant":
         from .flux_svdquant import load_svdquant_flux
 

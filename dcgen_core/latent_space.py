@@ -218,8 +218,18 @@ def load_with_cached_init(load, path: str, *args, vae=None):
     return m
 
 
-def unet_dtype_for(weight_dtype: str, sd, model_config):
-    """The weight dtype a loader's ``weight_dtype`` widget asks for; "default" picks as core loaders do."""
+def set_inference_dtypes(model_config, weight_dtype: str, sd, load_device):
+    """Set ``model_config``'s weight dtype (what a loader's ``weight_dtype`` widget asks for; "default" picks as core
+    loaders do) and its manual-cast compute dtype for ``load_device``; returns the weight dtype."""
+    import comfy.model_management as mm
+
+    unet_dtype = _unet_dtype_for(weight_dtype, sd, model_config)
+    model_config.set_inference_dtype(
+        unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes))
+    return unet_dtype
+
+
+def _unet_dtype_for(weight_dtype: str, sd, model_config):
     import comfy.model_management as mm
     import comfy.utils
 

@@ -14,6 +14,7 @@ precision ops hold), so it moves, offloads, backs up and restores as one tensor 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -109,6 +110,11 @@ def conf_tensor(conf: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
 
 
+def read_conf(t: torch.Tensor) -> dict:
+    """The JSON a ``.comfy_quant`` entry holds (inverse of :func:`conf_tensor`)."""
+    return json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+
+
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -122,7 +128,7 @@ def _layer_confs(sd: dict, metadata: dict, source: str) -> dict[str, dict]:
     for k, v in sd.items():
         if k.endswith(QUANT_CONF_SUFFIX):
             try:
-                confs[k[: -len(QUANT_CONF_SUFFIX)]] = json.loads(bytes(v.to(torch.uint8).tolist()).decode("utf-8"))
+                confs[k[: -len(QUANT_CONF_SUFFIX)]] = read_conf(v)
             except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
                 raise DCGenError(f"{source}: expected '{k}' to hold JSON like {{\"format\": \"nvfp4\"}}, found "
                                  f"unreadable bytes ({e}).") from e
@@ -207,7 +213,13 @@ def native_matmul_supported(device) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available() or torch.version.cuda is None:
         return False
-    if torch.cuda.get_device_capability(device)[0] < 10:
+    # asked by every NVFP4 layer on every call: the answer for a GPU does not change while ComfyUI runs
+    return _cuda_native_matmul(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_native_matmul(index: int) -> bool:
+    if torch.cuda.get_device_capability(index)[0] < 10:
         return False
     try:
         ck = require_kitchen()

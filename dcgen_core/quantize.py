@@ -24,7 +24,7 @@ from . import nvfp4
 from .checkpoints import owned
 from .errors import DCGenError
 from .flux import dcgen_channels, read_flux_checkpoint
-from .flux_4bit import METADATA_KEY, file_kind
+from .flux_4bit import METADATA_KEY
 from .latent_space import DEFAULT_SCALING, SPATIAL_COMPRESSION
 from .schedules import rule_for_channels
 
@@ -79,8 +79,8 @@ def quantize_flux(src: str, dst: str, fmt: str = "nvfp4", quantize_modulation: b
         raise DCGenError(f"--format: expected one of {list(FORMATS)}, found '{fmt}'.")
     if os.path.abspath(src) == os.path.abspath(dst):
         raise DCGenError(f"{dst}: expected an output path other than the input.")
-    sd, cfg, ckpt = read_flux_checkpoint(src)
-    if file_kind(sd, ckpt.metadata) != "plain" or any(getattr(v, "dtype", None) in (
+    sd, cfg, ckpt = read_flux_checkpoint(src)  # refuses 4-bit files
+    if any(getattr(v, "dtype", None) in (
             torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2) for v in sd.values()):
         raise DCGenError(f"{src}: expected a bf16/fp16/fp32 transformer to quantize, found an already quantized "
                          "file (uint8 / fp8 tensors).")

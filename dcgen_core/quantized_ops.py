@@ -9,7 +9,6 @@ the same to patching, offloading and LoRA code on every version.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -67,7 +66,7 @@ def nvfp4_operations(compute_dtype: torch.dtype):
                 if weight is None:
                     missing.append(f"{prefix}weight")
                 elif conf is not None:
-                    fmt = json.loads(bytes(conf.tolist()).decode("utf-8")).get("format")
+                    fmt = nvfp4.read_conf(conf).get("format")
                     if fmt != nvfp4.FORMAT:
                         errors.append(f"{prefix}weight: expected format nvfp4, found {fmt!r}")
                         return

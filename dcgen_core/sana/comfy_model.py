@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import load_checkpoint, owned
+from ..checkpoints import check_tensors_match, load_checkpoint, owned
 from ..comfy_compat import archive_weight_dtypes, make_model_patcher
 from ..errors import DCGenError
 from ..latent_space import (SPATIAL_COMPRESSION, check_context_width, check_latent_channels, check_size_for_model,
                             install_empty_latent_hook, install_preview_hook, load_with_cached_init, make_latent_format,
-                            resolve_scaling, unet_dtype_for)
+                            resolve_scaling, set_inference_dtypes)
 from .keys import is_diffusers_sana, is_original_sana, original_to_diffusers, sana_config_from_state_dict, unwrap
 from .model import SanaConfig, SanaTransformer
 
@@ -127,18 +127,11 @@ def build_comfy_sana(sd: dict, cfg: SanaConfig, weight_dtype: str, source: str, 
     model_config = config_cls({"image_model": "sana", "sana_config": cfg.to_dict()})
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
-    unet_dtype = unet_dtype_for(weight_dtype, sd, model_config)
-    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd, load_device)
     model = model_config.get_model(sd, "", device="meta")
     model.device = None
     dm = model.diffusion_model
-    expected = dm.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    wrong = [k for k in expected if k in sd and tuple(expected[k].shape) != tuple(sd[k].shape)]
-    if missing or unexpected or wrong:
-        raise DCGenError(f"{source}: expected the tensors of a SANA transformer with {cfg.num_layers} blocks, found "
-                         f"missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}.")
+    check_tensors_match(dm.state_dict(), sd, source, f"a SANA transformer with {cfg.num_layers} blocks")
     # owned memory, one tensor at a time (a later change to the file cannot reach the model)
     def own(v):
         return owned(v, unet_dtype if v.is_floating_point() else None)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import load_checkpoint, owned
+from ..checkpoints import check_tensors_match, load_checkpoint, owned
 from ..errors import DCGenError
 from ..flux_keys import (
     SCALE_SHIFT_SWAPPED_MODULES,
@@ -112,12 +112,7 @@ def load_base_transformer(path: str, dtype: torch.dtype = torch.float32, device=
     sd, config = read_base_state_dict(path)
     with torch.device("meta"):
         model = FluxTransformer2DModel(**config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise DCGenError(f"{path}: expected the tensors of a FLUX transformer of its config, found missing "
-                         f"{missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}.")
+    check_tensors_match(model.state_dict(), sd, path, "a FLUX transformer of its config")
     model.load_state_dict({k: owned(sd.pop(k), dtype).to(device) for k in list(sd)}, strict=True, assign=True)
     model.source = os.path.abspath(path)
     return model.eval().requires_grad_(False)
