@@ -1,5 +1,6 @@
 """The DC-Gen sampler node (text-to-image and img2img up to 4096x4096)."""
 
+from ..dcgen_core.dpm_flow import SOLVER_TYPES, dpm_flow_sampler
 from ..dcgen_core.sampling import sample
 from ..dcgen_core.schedules import FLOW_SCHEDULES, flow_schedule_sigmas
 from .latent import MAX_RESOLUTION
@@ -59,14 +60,14 @@ class DCGenFlowSigmas:
                    "'flow-match euler (diffusers)': FlowMatchEulerDiscreteScheduler(shift); with KSamplerSelect "
                    "'euler' it reproduces SANA's diffusers pipelines on that scheduler step for step.\n"
                    "'dpm-solver++ flow (diffusers)': DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift=shift), "
-                   "SANA's official (default) scheduler. Its DPM-Solver++(2M) steps are reproduced by core "
-                   "SamplerDPMPP_2M_SDE with eta 0 and solver_type midpoint (s_noise and noise_device do nothing at "
-                   "eta 0). No KSamplerSelect name is exact: 'dpmpp_2m' takes its second-order step ratios in "
-                   "log-sigma rather than the flow's log-SNR (about 1e-2 off in 20 steps on a test field), and "
-                   "'dpmpp_2m_sde' there has eta 1 (adds noise). Left over, in the model's inputs rather than the "
-                   "solver (about 1e-3 on a test field): diffusers' SanaPipeline starts from the noise itself, "
-                   "ComfyUI from sigma0 * noise (sigma0 = 0.99967 at shift 3), and diffusers feeds the transformer "
-                   "integer timesteps int(1000 * sigma), ComfyUI 1000 * sigma.")
+                   "SANA's official (default) scheduler; sample with DC-Gen DPM-Solver++ Flow (SANA), which "
+                   "reproduces diffusers' SanaPipeline (within 2e-6 on a tiny SANA transformer: 20 steps, cfg 4.5, "
+                   "masked 300-token prompt and negative). Core SamplerDPMPP_2M_SDE with eta 0 and solver_type "
+                   "midpoint takes the same solver steps but feeds the model 1000 * sigma where diffusers feeds the "
+                   "integer timesteps int(1000 * sigma), and starts from sigma0 * noise (sigma0 = 0.99967 at shift "
+                   "3) where diffusers starts from the noise: about 6e-2 off on that transformer. No KSamplerSelect "
+                   "name is exact: 'dpmpp_2m' takes its second-order step ratios in log-sigma rather than the "
+                   "flow's log-SNR, and 'dpmpp_2m_sde' there has eta 1 (adds noise).")
     CATEGORY = "DC-Gen/sampling"
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "run"
@@ -80,13 +81,42 @@ class DCGenFlowSigmas:
             "schedule": (list(FLOW_SCHEDULES), {
                 "tooltip": "Which diffusers scheduler's sigmas to reproduce. 'flow-match euler (diffusers)': "
                            "FlowMatchEulerDiscreteScheduler, sample with euler. 'dpm-solver++ flow (diffusers)': "
-                           "DPMSolverMultistepScheduler (SANA's official DPM-Solver++), sample with "
-                           "SamplerDPMPP_2M_SDE, eta 0, midpoint."}),
+                           "DPMSolverMultistepScheduler (SANA's official DPM-Solver++), sample with DC-Gen "
+                           "DPM-Solver++ Flow (SANA)."}),
         }}
 
     def run(self, steps, shift, schedule):
         return (flow_schedule_sigmas(schedule, steps, shift),)
 
 
+class DCGenDPMSolverFlowSampler:
+    DESCRIPTION = ("SANA's official scheduler as a SAMPLER for SamplerCustomAdvanced: diffusers' "
+                   "DPMSolverMultistepScheduler (DPM-Solver++ order 2 on flow sigmas, as SanaPipeline runs it). Use "
+                   "it with DC-Gen Flow Sigmas 'dpm-solver++ flow (diffusers)' (shift 3.0, 20 steps) and CFGGuider "
+                   "(cfg 4.5). Beyond the solver steps of core SamplerDPMPP_2M_SDE (eta 0) it feeds the model "
+                   "diffusers' integer timesteps int(1000 * sigma) and, from an empty latent, starts from the noise "
+                   "itself (ComfyUI: sigma0 * noise). On a tiny SANA transformer (20 steps, cfg 4.5, masked "
+                   "300-token prompt and negative) it matches SanaPipeline within 2e-6, where the core route is about "
+                   "6e-2 off. From a latent (img2img) it starts as ComfyUI does, which is diffusers' add_noise. "
+                   "Flow-matching models only.")
+    CATEGORY = "DC-Gen/sampling"
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("The sampler, for SamplerCustomAdvanced (with DC-Gen Flow Sigmas 'dpm-solver++ flow').",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "solver_type": (list(SOLVER_TYPES), {
+                "default": "midpoint",
+                "tooltip": "The second-order update of diffusers' solver_type: midpoint is SANA's (its "
+                           "scheduler_config); heun is diffusers' other choice."}),
+        }}
+
+    def run(self, solver_type):
+        return (dpm_flow_sampler(solver_type),)
+
+
 SAMPLER_NODES = {"DCGenSampler": (DCGenSampler, "DC-Gen Sampler (4K)"),
-                 "DCGenFlowSigmas": (DCGenFlowSigmas, "DC-Gen Flow Sigmas (SANA)")}
+                 "DCGenFlowSigmas": (DCGenFlowSigmas, "DC-Gen Flow Sigmas (SANA)"),
+                 "DCGenDPMSolverFlowSampler": (DCGenDPMSolverFlowSampler, "DC-Gen DPM-Solver++ Flow (SANA)")}

@@ -15,6 +15,8 @@ Findings (both ComfyUI versions, fp32 CPU):
 * What remains against SanaPipeline is in the model's inputs, not the solver: the pipeline starts from the noise
   itself (ComfyUI: sigma0 * noise, sigma0 = 0.99967 at shift 3) and feeds integer timesteps int(1000 sigma)
   (ComfyUI: 1000 sigma).
+* The pack's DC-Gen DPM-Solver++ Flow (SANA) sampler does both: == the SanaPipeline loop (start = noise, integer
+  timesteps), step for step. On a SANA transformer: tests/test_sana_dpm_e2e.py.
 """
 
 from __future__ import annotations
@@ -38,14 +40,17 @@ EULER, DPM = FLOW_SCHEDULES
 EXACT = 1e-5
 
 
+#: DPMSolverMultistepScheduler as SANA's diffusers pipelines configure it (its scheduler_config.json)
+SANA_DPM_CONFIG = {"use_flow_sigmas": True, "flow_shift": SHIFT, "prediction_type": "flow_prediction",
+                   "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                   "lower_order_final": True, "final_sigmas_type": "zero", "num_train_timesteps": 1000,
+                   "timestep_spacing": "linspace"}
+
+
 def _sana_dpm(steps, shift=SHIFT, **overrides):
-    """DPMSolverMultistepScheduler as SANA's diffusers pipelines configure it (its scheduler_config.json)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    config = {"use_flow_sigmas": True, "flow_shift": shift, "prediction_type": "flow_prediction",
-              "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint", "lower_order_final": True,
-              "final_sigmas_type": "zero", "num_train_timesteps": 1000, **overrides}
-    sched = DPMSolverMultistepScheduler(**config)
+    sched = DPMSolverMultistepScheduler(**{**SANA_DPM_CONFIG, "flow_shift": shift, **overrides})
     sched.set_timesteps(steps)
     return sched
 
@@ -97,7 +102,8 @@ def as_comfy(sched, i, t):
 # --- ComfyUI side -----------------------------------------------------------------------------------------------
 
 class ToyModel:
-    """The part of comfy.samplers.CFGGuider's model wrapper that KSAMPLER.sample and the k-diffusion samplers use."""
+    """The part of comfy.samplers.CFGGuider's model wrapper that KSAMPLER.sample and the k-diffusion samplers use;
+    the APPLY_MODEL wrappers of the model options run around the model call, as in BaseModel.apply_model."""
 
     def __init__(self, model_sampling):
         self.inner_model = SimpleNamespace(model_sampling=model_sampling)
@@ -107,6 +113,12 @@ class ToyModel:
         self.ms = model_sampling
 
     def __call__(self, x, sigma, model_options=None, seed=None, **_):
+        import comfy.patcher_extension as pe
+
+        wrappers = pe.get_all_wrappers(pe.WrappersMP.APPLY_MODEL, model_options or {}, is_model_options=True)
+        return pe.WrapperExecutor.new_class_executor(self.apply_model, self, wrappers).execute(x, sigma)
+
+    def apply_model(self, x, sigma):
         ms = self.ms
         return ms.calculate_denoised(sigma, FIELD(ms.calculate_input(sigma, x), ms.timestep(sigma)), x)
 
@@ -124,9 +136,10 @@ def sana_sampling(comfyui):
 
 
 @torch.no_grad()
-def comfy_sample(sampler, model_sampling, sigmas):
+def comfy_sample(sampler, model_sampling, sigmas, latent=None):
+    latent = torch.zeros_like(NOISE) if latent is None else latent
     return sampler.sample(ToyModel(model_sampling), sigmas, {"seed": 0, "model_options": {}}, None, NOISE.clone(),
-                          latent_image=torch.zeros_like(NOISE), denoise_mask=None, disable_pbar=True)
+                          latent_image=latent, denoise_mask=None, disable_pbar=True)
 
 
 def core_sampler(comfyui, name):
@@ -237,3 +250,78 @@ def test_sana_pipeline_differs_only_in_model_inputs(comfyui, sana_sampling, step
     assert 1e-5 < max_diff(ours, pipeline) < 1e-2
     assert 1e-5 < max_diff(ours, start_aligned) < 1e-2
     assert 1e-5 < max_diff(ours, timesteps_aligned) < 1e-2
+
+
+# --- the pack's official-scheduler sampler (DC-Gen DPM-Solver++ Flow) -------------------------------------------
+
+def official_node(comfyui, solver_type="midpoint"):
+    return comfyui.runtime.node_classes["DCGenDPMSolverFlowSampler"]().run(solver_type)[0]
+
+
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 14, 15, 20, 50])
+def test_official_sampler_reproduces_sana_pipeline(comfyui, sana_sampling, steps, solver_type):
+    """The whole SanaPipeline loop (start = noise, integer timesteps, DPM-Solver++ 2M flow): exact."""
+    sched = _sana_dpm(steps, solver_type=solver_type)
+    theirs = diffusers_loop(sched, NOISE.clone(), as_pipeline)
+    ours = comfy_sample(official_node(comfyui, solver_type), sana_sampling, node_sigmas(comfyui, steps, DPM))
+    assert max_diff(ours, theirs) < EXACT
+
+
+def test_official_sampler_img2img_start_is_add_noise(comfyui, sana_sampling):
+    """From a latent (img2img) the start is ComfyUI's, which is diffusers' add_noise at the first sigma."""
+    latent = torch.randn(NOISE.shape, generator=torch.Generator().manual_seed(5))
+    sched = _sana_dpm(20)
+    s0 = sched.sigmas[0]
+    theirs = diffusers_loop(sched, s0 * NOISE + (1 - s0) * latent, as_pipeline)
+    ours = comfy_sample(official_node(comfyui), sana_sampling, node_sigmas(comfyui, 20, DPM), latent=latent)
+    assert max_diff(ours, theirs) < EXACT
+
+
+@pytest.mark.parametrize("shift,steps", [(SHIFT, range(1, 333)), (4.5, range(1, 101)), (7.0, range(1, 101))])
+def test_integer_timesteps_equal_diffusers(shift, steps):
+    from dcgen_core.dpm_flow import diffusers_timesteps
+
+    for n in steps:
+        assert torch.equal(diffusers_timesteps(dpm_flow_sigmas(n, shift)[:-1]), _sana_dpm(n, shift).timesteps), n
+
+
+def test_integer_timestep_wrapper(comfyui):
+    """The model runs at floor(1000 sigma) / 1000 and its velocity is used at the true sigma; below timestep 1 the
+    model keeps its sigma."""
+    from dcgen_core.dpm_flow import integer_timestep_wrapper
+
+    seen = []
+
+    def apply_model(x, t):
+        seen.append(t.clone())
+        return x - t.reshape(-1, 1, 1, 1) * FIELD(x, t * 1000)
+
+    wrapper = integer_timestep_wrapper()
+    x = NOISE.clone()
+    sigma = torch.tensor([0.4567891, 0.0004], dtype=torch.float32)
+    out = wrapper(apply_model, x, sigma)
+    assert torch.equal(seen[0], torch.tensor([0.456, 0.0004], dtype=torch.float32))
+    expected = x - sigma.reshape(-1, 1, 1, 1) * FIELD(x, torch.tensor([456.0, 0.4]))
+    assert max_diff(out, expected) < EXACT
+    seen.clear()
+    on_grid = torch.tensor([0.5, 0.5])
+    assert torch.equal(wrapper(apply_model, x, on_grid), apply_model(x, on_grid)) and len(seen) == 2
+
+
+def test_official_sampler_errors(comfyui, sana_sampling):
+    import comfy.model_base
+
+    error = comfyui.core.errors.DCGenError  # the pack's class, as ComfyUI loaded it
+    node = comfyui.runtime.node_classes["DCGenDPMSolverFlowSampler"]
+    assert node.INPUT_TYPES()["required"]["solver_type"][0] == ["midpoint", "heun"]
+    with pytest.raises(error, match="solver_type"):
+        node().run("karras")
+    sampler = official_node(comfyui)
+    with pytest.raises(error, match=r"sigmas in \[0, 1\]"):
+        comfy_sample(sampler, sana_sampling, torch.tensor([14.6, 1.0, 0.0]))
+    with pytest.raises(error, match="decreasing"):
+        comfy_sample(sampler, sana_sampling, torch.tensor([0.5, 0.8, 0.0]))
+    eps = comfy.model_base.model_sampling(SimpleNamespace(sampling_settings={}), comfy.model_base.ModelType.EPS)
+    with pytest.raises(error, match="flow-matching model"):
+        comfy_sample(sampler, eps, node_sigmas(comfyui, 4, DPM))

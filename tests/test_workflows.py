@@ -256,8 +256,8 @@ def _sana_files(comfyui, wf, sana, vae_name=None, vae=None):
 
 
 def test_sana_workflow_runs_headless(comfyui, tiny_vae):
-    """SANA 1K: SANA + its DC-AE f32c32 + Gemma-2 (tiny stand-in) -> CFGGuider (cfg 4.5) + SamplerDPMPP_2M_SDE
-    (eta 0, midpoint) + DC-Gen Flow Sigmas (DPM-Solver++ flow) -> SamplerCustomAdvanced -> VAE Decode."""
+    """SANA 1K: SANA + its DC-AE f32c32 + Gemma-2 (tiny stand-in) -> CFGGuider (cfg 4.5) + DC-Gen DPM-Solver++
+    Flow (midpoint) + DC-Gen Flow Sigmas (DPM-Solver++ flow) -> SamplerCustomAdvanced -> VAE Decode."""
     wf = _load(os.path.join(WORKFLOWS, "sana-1k-t2i.json"))
     _sana_files(comfyui, wf, tiny.tiny_sana(), _widget(wf, "DCGenDCAELoader", 0), tiny_vae)
     outputs = _run(comfyui, wf, {("DCGenEmptyLatent", "width"): 256, ("DCGenEmptyLatent", "height"): 192,
