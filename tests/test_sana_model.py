@@ -198,7 +198,8 @@ def test_original_keys_roundtrip(comfyui, refs, variant):
 
 def test_original_unknown_keys_and_hints():
     sd = _to_original(_diffusers_model().state_dict())
-    assert keys.original_config_hints(sd) == {"sample_size": 8, "interpolation_scale": 1.0}
+    # an all-zero pos_embed buffer: trained without a position embedding (SANA 512 px / 1K)
+    assert keys.original_pos_embed_config(sd) == {"sample_size": 8, "interpolation_scale": None}
     with pytest.raises(DCGenError, match="unknown.*blocks.0.attn.rope"):
         original_to_diffusers({**sd, "blocks.0.attn.rope.weight": torch.zeros(1)})
     with pytest.raises(DCGenError, match="expected the tensors"):

@@ -18,7 +18,8 @@ from ..errors import DCGenError
 from ..latent_space import (SPATIAL_COMPRESSION, check_context_width, check_latent_channels, check_size_for_model,
                             install_empty_latent_hook, install_preview_hook, load_with_cached_init, make_latent_format,
                             resolve_scaling, set_inference_dtypes)
-from .keys import is_diffusers_sana, is_original_sana, original_to_diffusers, sana_config_from_state_dict, unwrap
+from .keys import (is_diffusers_sana, is_original_sana, original_pos_embed_config, original_to_diffusers,
+                   sana_config_from_state_dict, unwrap)
 from .model import SanaConfig, SanaTransformer
 
 #: SANA's flow shift (its pipelines' scheduler config), and the largest side its models are made for.
@@ -81,13 +82,16 @@ def read_sana_checkpoint(path: str):
     NVlabs/Sana layout (single safetensors or diffusers folder)."""
     ckpt = load_checkpoint(path, component="transformer")
     sd = unwrap(ckpt.state_dict)
+    config = ckpt.config
     if is_original_sana(sd):
+        # the pos_embed buffer (dropped by the conversion) tells 1K (zeros) from 2K / 4K (sin-cos)
+        config = {**(config or {}), **original_pos_embed_config(sd, config, path)}
         sd = original_to_diffusers(sd)
     elif not is_diffusers_sana(sd):
         sample = ", ".join(sorted(sd)[:3])
         raise DCGenError(f"{path}: expected a SANA transformer (diffusers SanaTransformer2DModel or original "
                          f"NVlabs/Sana keys), found keys like {sample}.")
-    return sd, sana_config_from_state_dict(sd, ckpt.config)
+    return sd, sana_config_from_state_dict(sd, config)
 
 
 def sana_info(channels: int, scaling: float, shift: float = SANA_FLOW_SHIFT) -> dict:

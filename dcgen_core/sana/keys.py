@@ -12,12 +12,13 @@ The original -> diffusers mapping is the one of diffusers' ``scripts/convert_san
 ``mlp.inverted_conv.conv / depth_conv.conv / point_conv.conv`` -> ``ff.conv_inverted / conv_depth /
 conv_point``, ``scale_shift_table`` kept; ``final_layer.linear`` -> ``proj_out``,
 ``final_layer.scale_shift_table`` -> ``scale_shift_table``. The script drops ``y_embedder.y_embedding``
-(the learned null caption), ``pos_embed`` (a fixed sin-cos buffer, recomputed by the model) and
-``logvar_linear.*`` (a training head); so does this module.
+(the learned null caption), ``pos_embed`` (a fixed buffer, recomputed by the model) and ``logvar_linear.*`` (a
+training head); so does this module. The script is told the image size, which sets ``sample_size`` and
+``interpolation_scale``; here ``original_pos_embed_config`` reads both from the ``pos_embed`` buffer.
 
 What the weights cannot tell -- the head split of the (linear) self-attention and of the
-cross-attention, ``norm_eps``, positional-embedding use -- comes from ``config.json`` when given, else
-from SANA's fixed choices: self-attention heads of 32 channels (NVlabs ``linear_head_dim=32``) and the
+cross-attention, ``norm_eps``, positional-embedding use (except in original files) -- comes from ``config.json``
+when given, else from SANA's fixed choices: self-attention heads of 32 channels (NVlabs ``linear_head_dim=32``) and the
 cross-attention heads of the released widths (1152: 16 heads, 2240: 20 heads).
 """
 
@@ -28,7 +29,7 @@ import re
 import torch
 
 from ..errors import DCGenError, mismatch
-from .model import SanaConfig, SanaTransformer
+from .model import SanaConfig, SanaTransformer, sincos_pos_embed
 
 WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "module.",
                     "model.")
@@ -171,20 +172,83 @@ def original_to_diffusers(sd: dict) -> dict:
     return out
 
 
-def original_config_hints(sd: dict) -> dict:
-    """config.json-like hints only an original checkpoint carries: its ``pos_embed`` buffer (SANA 2K/4K).
+# diffusers' converter: interpolation_scale by image size (None: no position embedding)
+CONVERTER_INTERPOLATION = {512: None, 1024: None, 2048: 1.0, 4096: 2.0}
+# a bf16 buffer rounds its values in [-1, 1] by up to 2^-9; another scale is off by order 1
+_POS_EMBED_ATOL = 1e-2
+# tokens [:k, :k] of a side x side table with base size side hold the positions arange(k) / scale, i.e. the k x k
+# table with base size k: comparing that block tells the scale without building a 4K-sized table
+_POS_EMBED_BLOCK = 32
 
-    ``sample_size`` is the buffer's grid side (patch 1); ``interpolation_scale`` follows diffusers'
-    converter (2K -> 1.0, 4K -> 2.0, i.e. max(grid / 64, 1)). Empty when the checkpoint has no ``pos_embed``.
+
+def original_pos_embed_config(sd: dict, config_json: dict | None = None, where: str = "SANA checkpoint") -> dict:
+    """``sample_size`` and ``interpolation_scale`` of an original NVlabs/Sana checkpoint, as diffusers' converter
+    sets them, read from its ``pos_embed`` buffer and cross-checked with ``config_json`` when given.
+
+    NVlabs models register ``pos_embed`` (1, side^2, hidden) for their training grid (side = image size / 32 /
+    patch): all zeros when trained without a position embedding (512 px, 1K), else the sin-cos table of base size
+    side and their ``pe_interpolation`` (2K: 1.0, 4K: 2.0). The converter sets ``sample_size`` = side * patch and
+    ``interpolation_scale`` by image size (``CONVERTER_INTERPOLATION``). Raises ``DCGenError`` naming ``where`` when
+    the buffer and config.json disagree, or when neither tells.
     """
     sd = unwrap(sd)
+    cfg = dict(config_json or {})
+    given = "interpolation_scale" in cfg
+    proj = sd.get("x_embedder.proj.weight")
+    if proj is None or proj.ndim != 4:
+        raise mismatch(f"{where} tensor 'x_embedder.proj.weight'", "a conv weight [hidden, C, p, p]",
+                       "none" if proj is None else f"shape {tuple(proj.shape)}")
+    hidden, patch = int(proj.shape[0]), int(proj.shape[-1])
     pe = sd.get("pos_embed")
-    if pe is None or pe.ndim != 3:
-        return {}
-    side = round(pe.shape[1] ** 0.5)
-    if side * side != pe.shape[1]:
-        return {}
-    return {"sample_size": side, "interpolation_scale": max(side / 64.0, 1.0)}
+    if pe is None:
+        if given:
+            return {}
+        raise mismatch(f"{where} tensor 'pos_embed'", "the position-embedding buffer of an original NVlabs/Sana "
+                       "checkpoint (all zeros at 512 px / 1K, a sin-cos table at 2K / 4K)", "none",
+                       "Without it the resolution the model was trained for, and so its interpolation_scale, is "
+                       "unknown: put the transformer's diffusers config.json (interpolation_scale, sample_size) "
+                       "beside the file.")
+    side = round(pe.shape[1] ** 0.5) if pe.ndim == 3 else 0
+    if pe.ndim != 3 or pe.shape[0] != 1 or pe.shape[2] != hidden or side * side != pe.shape[1]:
+        raise mismatch(f"{where} tensor 'pos_embed'", f"shape (1, side * side, {hidden}) (a square token grid of "
+                       "the model's width)", f"shape {tuple(pe.shape)}")
+    table = pe[0]
+    sample_size, image_size = side * patch, side * patch * 32
+    if not table.any():
+        scale, source = None, "all zeros (trained without a position embedding)"
+    else:
+        scale = cfg["interpolation_scale"] if given else CONVERTER_INTERPOLATION.get(image_size)
+        told = "config.json" if given else f"diffusers' converter at {image_size} px"
+        if scale is None:
+            raise mismatch(f"{where} tensor 'pos_embed'", f"all zeros (interpolation_scale None, {told})",
+                           f"a sin-cos table (it reads as interpolation_scale {_read_scale(table, hidden):.3g})",
+                           "Put the transformer's config.json with its interpolation_scale beside the file.")
+        k = min(side, _POS_EMBED_BLOCK)
+        expected = sincos_pos_embed(hidden, (k, k), k, float(scale))
+        block = table.reshape(side, side, hidden)[:k, :k].reshape(k * k, hidden).float()
+        off = (block - expected).abs().max().item()
+        if off > _POS_EMBED_ATOL:
+            raise mismatch(f"{where} tensor 'pos_embed'", f"the sin-cos table of interpolation_scale {scale} ({told})",
+                           f"a table {off:.3g} off it (it reads as interpolation_scale "
+                           f"{_read_scale(table, hidden):.3g})",
+                           "Put the transformer's config.json with the interpolation_scale it was trained with "
+                           "beside the file.")
+        source = f"a sin-cos table of interpolation_scale {scale}"
+    if given and (cfg["interpolation_scale"] is None) != (scale is None):
+        raise mismatch(f"{where} config.json interpolation_scale", f"{cfg['interpolation_scale']!r} (config.json)",
+                       f"pos_embed {source} in the weights", "The config.json belongs to another model.")
+    if cfg.get("sample_size") is not None and int(cfg["sample_size"]) != sample_size:
+        raise mismatch(f"{where} config.json sample_size", f"{cfg['sample_size']!r} (config.json)",
+                       f"{sample_size} in the weights (pos_embed of {side} x {side} tokens, patch {patch})",
+                       "The config.json belongs to another model.")
+    return {"sample_size": sample_size, "interpolation_scale": scale}
+
+
+def _read_scale(table: torch.Tensor, hidden: int) -> float:
+    """The scale a sin-cos table was built with, read from token 1 (position 1 / scale at frequency 1): for
+    messages only."""
+    pos = torch.atan2(table[1, 0].float(), table[1, hidden // 4].float()).item()
+    return 1.0 / pos if pos > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------------------
