@@ -229,10 +229,11 @@ def _low_rank_pair(patch):
     return None if weights is None else (weights[0], weights[1])
 
 
-def split_quantized(patches: dict, weights: dict, strength: float):
-    """(runtime low-rank terms by module, remaining patches): a plain LoRA on a 4-bit weight stays a low-rank term
-    ``y = Wq x + s B A x`` (no re-quantization); anything else (other layers, LoHa/LoKr/DoRA) stays a ComfyUI
-    weight patch, which dequantizes, adds and re-quantizes 4-bit layers."""
+def split_quantized(patches: dict, weights: dict, strength: float, exact: set | frozenset = frozenset()):
+    """(runtime low-rank terms by module, remaining patches): a plain LoRA on a 4-bit weight, or on a weight in
+    ``exact`` (the bf16 linears of a 4-bit model), stays a low-rank term ``y = W x + s B A x`` (no re-quantization,
+    no rounding of W + dW); anything else (other layers, LoHa/LoKr/DoRA) stays a ComfyUI weight patch, which
+    dequantizes, adds and re-quantizes 4-bit layers."""
     from .nvfp4 import is_quantized
     from .quantized_ops import LowRankTerm
 
@@ -241,11 +242,13 @@ def split_quantized(patches: dict, weights: dict, strength: float):
         target, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
         function = key[2] if isinstance(key, tuple) and len(key) > 2 else None
         lw = _lora_weights(patch)
-        if (lw is None or not is_quantized(weights.get(target)) or function is not None
-                or any(extra is not None for extra in lw[3:5])):
+        if (lw is None or not (is_quantized(weights.get(target)) or target in exact)
+                or function not in (None, swap_scale_shift) or any(extra is not None for extra in lw[3:5])):
             rest[key] = patch
             continue
         up, down, alpha = lw[0], lw[1], lw[2]
+        if function is swap_scale_shift:  # norm_out: the delta's row halves swapped, i.e. the up matrix's
+            up = swap_scale_shift(up)
         scale = strength * (alpha / down.shape[0] if alpha is not None else 1.0)
         rows = (offset[1], offset[2]) if offset is not None else None
         module = target[len("diffusion_model."):-len(".weight")]
@@ -288,10 +291,11 @@ def apply_lora(model, path: str, strength: float = 1.0, vae=None):
         m = arch.apply_aligned_embedding(m, emb, vae=vae, clone=False)
     if lora_sd and strength != 0:
         from .latent_space import logical_weights
-        from .quantized_ops import add_low_rank_terms
+        from .quantized_ops import add_low_rank_terms, runtime_lora_targets
 
         patches = lora_patches(m, lora_sd, path, arch)
-        terms, patches = split_quantized(patches, logical_weights(m.model), strength)
+        weights = logical_weights(m.model)
+        terms, patches = split_quantized(patches, weights, strength, runtime_lora_targets(m.model, weights))
         if terms:
             add_low_rank_terms(m, terms)
         applied = set(m.add_patches(patches, strength))

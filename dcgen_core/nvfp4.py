@@ -4,9 +4,12 @@ A quantized linear ``<layer>`` is stored as
 ``<layer>.weight`` uint8 [out, in/2] (two e2m1 codes per byte),
 ``<layer>.weight_scale`` float8_e4m3fn block scales (one per 16 inputs, cuBLAS blocked layout padded to
 [roundup(out, 128), roundup(in/16, 4)]), ``<layer>.weight_scale_2`` float32 per-tensor scale and
-``<layer>.comfy_quant`` uint8 bytes of the JSON ``{"format": "nvfp4"}``; ComfyUI versions that read the
-older form take the same per-layer entries from the header's ``_quantization_metadata``. The weight is
-``e2m1 * block_scale * weight_scale_2``. Everything else stays in bf16 under its BFL key.
+``<layer>.comfy_quant`` uint8 bytes of the JSON ``{"format": "nvfp4"}``, or with no ``.comfy_quant`` tensors
+and the layers listed in the header's ``_quantization_metadata`` (the form ComfyUI's QUANTIZATION.md documents;
+core turns it into the per-layer entries on load, and so does :func:`add_layer_confs`). The weight is
+``e2m1 * block_scale * weight_scale_2``; an optional ``<layer>.pre_quant_scale`` [in] scales the input first
+(y = W (s * x), AWQ-style smoothing) and an optional scalar ``<layer>.input_scale`` is the activation scale of the
+native NVFP4 matmul. Everything else stays in bf16 under its BFL key.
 
 In memory a quantized weight is a comfy-kitchen ``QuantizedTensor`` (the same object ComfyUI's own mixed
 precision ops hold), so it moves, offloads, backs up and restores as one tensor with its scales.
@@ -30,6 +33,10 @@ _E4M3_MAX = 448.0
 #: Per-layer tensors besides ``.weight`` (``input_scale``/``pre_quant_scale`` are optional in core files).
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale")
 QUANT_CONF_SUFFIX = ".comfy_quant"
+#: What the pack implements of a quantized layer: its tensors, and the keys of its comfy_quant JSON (any other
+#: field is refused by name rather than loaded and ignored).
+LAYER_TENSORS = ("weight", "bias", "comfy_quant", *(s[1:] for s in SCALE_SUFFIXES))
+CONF_KEYS = ("format", "full_precision_matrix_mult")
 
 #: The transformer-block linears DC-Gen's recipe quantizes (attention qkv/proj and MLPs of both streams, the
 #: single blocks' fused linears). The embedder/head (the DC-Gen part), text/time/guidance inputs and norms stay
@@ -138,21 +145,56 @@ def _layer_confs(sd: dict, metadata: dict, source: str) -> dict[str, dict]:
         except (json.JSONDecodeError, AttributeError) as e:
             raise DCGenError(f"{source}: expected header metadata '_quantization_metadata' to be JSON "
                              f"{{\"layers\": {{...}}}}, found unreadable text ({e}).") from e
+        if not isinstance(layers, dict):
+            raise DCGenError(f"{source}: expected header metadata '_quantization_metadata' to hold \"layers\": "
+                             f"{{name: {{\"format\": ...}}}}, found {type(layers).__name__}.")
+        from .flux_keys import strip_key_prefix
+
         for layer, conf in layers.items():
+            if f"{layer}.weight" not in sd:  # named as in the file, whose wrapper prefix the loader stripped
+                layer = strip_key_prefix(layer)
             confs.setdefault(layer, conf)
     return confs
 
 
+def add_layer_confs(sd: dict, confs: dict):
+    """A ``.comfy_quant`` entry for each quantized layer listed only in the header (what core's convert_old_quants
+    does), so that core's mixed-precision ops and the pack's read the layer the same way."""
+    for layer, conf in confs.items():
+        sd.setdefault(f"{layer}{QUANT_CONF_SUFFIX}", conf_tensor(conf))
+    return sd
+
+
+def _check_fields(sd: dict, confs: dict, source: str):
+    """Refuse quantization fields the pack does not implement, naming them: comfy_quant keys, per-layer tensors."""
+    implemented = (f"tensors {', '.join(LAYER_TENSORS)}; comfy_quant keys {', '.join(CONF_KEYS)}")
+    for layer, conf in sorted(confs.items()):
+        extra = sorted(set(conf) - set(CONF_KEYS)) if isinstance(conf, dict) else []
+        if extra:
+            raise DCGenError(f"{source}: expected the NVFP4 fields the pack implements ({implemented}), found "
+                             f"'{extra[0]}' in the quantization config of '{layer}' ({json.dumps(conf)}), which the "
+                             "pack does not implement; loading it without would compute another model.")
+    for k in sd:
+        layer, _, field = k.rpartition(".")
+        if layer in confs and field not in LAYER_TENSORS:
+            raise DCGenError(f"{source}: expected the NVFP4 fields the pack implements ({implemented}), found "
+                             f"'{field}' ('{k}'), which the pack does not implement; loading it without would "
+                             "compute another model.")
+
+
 def quantized_layers(sd: dict, metadata: dict, source: str) -> dict[str, dict]:
     """{layer: conf} of an NVFP4 file's state dict (BFL keys, prefix stripped), validated: every quantized layer
-    is NVFP4 with its codes, block scales and tensor scale of consistent shapes. Errors name the file and key."""
+    is NVFP4 with its codes, block scales and tensor scale (and optional pre_quant_scale / input_scale) of consistent
+    shapes, and no field the pack does not implement. Errors name the file and key."""
     confs = _layer_confs(sd, metadata, source)
     if not confs:
         kinds = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
         raise DCGenError(
-            f"{source}: expected an NVFP4 checkpoint (per-layer '.comfy_quant' entries with weight_scale / "
-            f"weight_scale_2), found no quantized layers (tensors of {', '.join(kinds)}). Load a bf16/fp8 file with "
-            "Load DC-Gen Diffusion Model, or make an NVFP4 file with python -m dcgen_core.quantize.")
+            f"{source}: expected an NVFP4 checkpoint (quantized layers in per-layer '.comfy_quant' entries or the "
+            f"'_quantization_metadata' header, with weight_scale / weight_scale_2), found no quantized layers "
+            f"(tensors of {', '.join(kinds)}). Load a bf16/fp8 file with Load DC-Gen Diffusion Model, or make an "
+            "NVFP4 file with python -m dcgen_core.quantize.")
+    _check_fields(sd, confs, source)
     for layer, conf in sorted(confs.items()):
         fmt = conf.get("format") if isinstance(conf, dict) else None
         if fmt != FORMAT:
@@ -178,6 +220,13 @@ def quantized_layers(sd: dict, metadata: dict, source: str) -> dict[str, dict]:
         if tensor.numel() != 1 or not tensor.dtype.is_floating_point:
             raise DCGenError(f"{source}: expected '{layer}.weight_scale_2' as one float32 value, found "
                              f"{str(tensor.dtype).replace('torch.', '')} {list(tensor.shape)}.")
+        for name, want in (("pre_quant_scale", [in_f]), ("input_scale", [])):
+            t = sd.get(f"{layer}.{name}")
+            if t is not None and (not t.dtype.is_floating_point
+                                  or (list(t.shape) != want if want else t.numel() != 1)):
+                raise DCGenError(f"{source}: expected '{layer}.{name}' as a float tensor {want} (the layer's "
+                                 f"{'input width' if want else 'one activation scale'}), found "
+                                 f"{str(t.dtype).replace('torch.', '')} {list(t.shape)}.")
     return confs
 
 

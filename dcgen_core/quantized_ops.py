@@ -54,6 +54,9 @@ def nvfp4_operations(compute_dtype: torch.dtype):
                 torch.nn.Module.__init__(self)
                 self.in_features, self.out_features = in_features, out_features
                 self.weight = None  # set by loading: a QuantizedTensor or a plain compute-dtype tensor
+                # optional fields of a quantized layer (see nvfp4): input smoothing, native matmul's activation scale
+                self.pre_quant_scale = self.input_scale = None
+                self.full_precision = False  # comfy_quant full_precision_matrix_mult: never the native matmul
                 self.bias = (torch.nn.Parameter(torch.empty(out_features, device=device, dtype=compute_dtype),
                                                 requires_grad=False) if bias else None)
 
@@ -66,13 +69,18 @@ def nvfp4_operations(compute_dtype: torch.dtype):
                 if weight is None:
                     missing.append(f"{prefix}weight")
                 elif conf is not None:
-                    fmt = nvfp4.read_conf(conf).get("format")
-                    if fmt != nvfp4.FORMAT:
-                        errors.append(f"{prefix}weight: expected format nvfp4, found {fmt!r}")
+                    conf = nvfp4.read_conf(conf)
+                    if conf.get("format") != nvfp4.FORMAT:
+                        errors.append(f"{prefix}weight: expected format nvfp4, found {conf.get('format')!r}")
                         return
                     qt = nvfp4.quantized_tensor(weight, sd.pop(f"{prefix}weight_scale"),
                                                 sd.pop(f"{prefix}weight_scale_2"), compute_dtype)
                     self.weight = torch.nn.Parameter(qt, requires_grad=False)
+                    self.full_precision = bool(conf.get("full_precision_matrix_mult", False))
+                    for name in ("pre_quant_scale", "input_scale"):
+                        value = sd.pop(f"{prefix}{name}", None)
+                        if value is not None:
+                            setattr(self, name, torch.nn.Parameter(value, requires_grad=False))
                 else:  # kept in its stored dtype (bf16 in the pack's files); cast per call, as manual_cast does
                     self.weight = torch.nn.Parameter(weight, requires_grad=False)
                 if self.bias is not None:
@@ -88,6 +96,9 @@ def nvfp4_operations(compute_dtype: torch.dtype):
                 # what the file holds (codes + scales): ComfyUI sizes modules from their state dicts
                 if self.weight is not None and nvfp4.is_quantized(self.weight):
                     destination.update(nvfp4.stored_tensors(prefix[:-1], self.weight.data))
+                    for name in ("pre_quant_scale", "input_scale"):
+                        if getattr(self, name) is not None:
+                            destination[f"{prefix}{name}"] = getattr(self, name).detach()
                 elif self.weight is not None:
                     destination[f"{prefix}weight"] = self.weight if keep_vars else self.weight.detach()
                 if self.bias is not None:
@@ -103,11 +114,14 @@ def nvfp4_operations(compute_dtype: torch.dtype):
                     for f in self.bias_function:
                         bias = f(bias)
                 qt = self.weight.data.to(x.device)
-                if not functions and nvfp4.native_matmul_supported(x.device):
+                if self.pre_quant_scale is not None:  # y = W (s * x), as core's mixed-precision Linear
+                    x = x * mm.cast_to(self.pre_quant_scale, x.dtype, x.device)
+                if not functions and not self.full_precision and nvfp4.native_matmul_supported(x.device):
                     from comfy_kitchen.tensor import QuantizedTensor
 
                     flat = x.reshape(-1, x.shape[-1])
-                    y = F.linear(QuantizedTensor.from_float(flat, nvfp4.LAYOUT), qt, bias)
+                    scale = None if self.input_scale is None else mm.cast_to(self.input_scale, None, x.device)
+                    y = F.linear(QuantizedTensor.from_float(flat, nvfp4.LAYOUT, scale=scale), qt, bias)
                     return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
                 weight = qt.dequantize().to(x.dtype)
                 for f in functions:
@@ -209,6 +223,19 @@ def _low_rank_wrapper(executor, *args, **kwargs):
             h.remove()
 
 
+def runtime_lora_targets(base_model, weights: dict) -> set[str]:
+    """The weights (``diffusion_model.<linear>.weight``) whose plain LoRAs stay runtime low-rank terms: on a 4-bit
+    model every linear layer's, the bf16 ones (modulation, embedder, head) too: ComfyUI would merge W + dW there in
+    the weight's stored dtype (bf16 with the pack's ops), rounding the LoRA; the term, computed in the activations'
+    dtype, keeps it as exact as on the 4-bit layers."""
+    from .nvfp4 import is_quantized
+
+    if not any(is_quantized(w) for w in weights.values()):
+        return set()
+    return {f"{name}.weight" for name, mod in base_model.named_modules()
+            if hasattr(mod, "in_features") and len(getattr(weights.get(f"{name}.weight"), "shape", ())) == 2}
+
+
 def add_low_rank_terms(model, terms: dict[str, list[LowRankTerm]]):
     """Add LoRA terms (diffusion-model module path -> terms) to the patcher ``model`` (already a clone)."""
     import comfy.patcher_extension as pe
@@ -220,4 +247,4 @@ def add_low_rank_terms(model, terms: dict[str, list[LowRankTerm]]):
     to[LOW_RANK_KEY] = table
     model.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, LOW_RANK_KEY)
     model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, LOW_RANK_KEY, _low_rank_wrapper)
-    logging.info("DC-Gen: LoRA kept as runtime low-rank terms on %d quantized layers.", len(terms))
+    logging.info("DC-Gen: LoRA kept as runtime low-rank terms on %d layers of a 4-bit model.", len(terms))
