@@ -32,6 +32,7 @@ from .latent_space import (NATIVE_RESOLUTION, SPATIAL_COMPRESSION, check_latent_
                            load_with_cached_init, logical_weights, make_latent_format, require_dcgen, resolve_scaling,
                            set_inference_dtypes)
 from .schedules import RULES, TimeShift, comfy_model_sampling, official_shift, retarget_sigmas
+from .svdquant_folder import split_file_hint
 
 WRAPPER_KEY = "dcgen_dcae_tokens"
 
@@ -333,14 +334,16 @@ def read_flux_checkpoint(path: str):
     sd = strip_prefix(ckpt.state_dict)
     del ckpt.state_dict
     four_bit = {"nvfp4": "NVFP4", "svdquant": "nunchaku SVDQuant"}.get(weight_format(sd, ckpt.metadata))
+    half = split_file_hint(path)  # one of the two files of nunchaku's pre-v1 folder, picked alone
     if four_bit:
-        raise DCGenError(f"{path}: expected a bf16/fp16/fp32 FLUX transformer, found a 4-bit {four_bit} file. Load it "
-                         "with Load DC-Gen Diffusion Model (NVFP4).")
+        raise DCGenError(f"{path}: expected a bf16/fp16/fp32 FLUX transformer, found a 4-bit {four_bit} file."
+                         f"{half or ' Load it with Load DC-Gen Diffusion Model (NVFP4).'}")
     if is_diffusers_flux(sd):
         sd = diffusers_to_bfl(sd, lazy=True)
     elif not is_bfl_flux(sd):
         sample = ", ".join(sorted(sd)[:3])
-        raise DCGenError(f"{path}: expected a FLUX transformer (diffusers or BFL/ComfyUI keys), found keys like {sample}.")
+        raise DCGenError(f"{path}: expected a FLUX transformer (diffusers or BFL/ComfyUI keys), found keys like "
+                         f"{sample}.{half}")
     return sd, flux_config_from_state_dict(sd, ckpt.config), ckpt
 
 

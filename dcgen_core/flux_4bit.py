@@ -101,6 +101,7 @@ def read_nvfp4_file(path: str):
         raise DCGenError(f"{path}: expected a ComfyUI NVFP4 file, found a nunchaku SVDQuant file (qweight/wscales "
                          "tensors); it is read by the same node with the svdquant format.")
     layers = nvfp4.quantized_layers(sd, metadata, path)
+    nvfp4.add_layer_confs(sd, layers)  # layers listed only in the header: per-layer entries, as core makes them
     view = nvfp4.logical_view(sd, layers)
     if not is_bfl_flux(view):
         sample = ", ".join(sorted(view)[:3])
@@ -144,19 +145,29 @@ def load_4bit_flux(path: str, vae=None, svdquant_backend: str = "auto", ops: str
     """The 4-bit loader node's entry: an NVFP4 file or a nunchaku SVDQuant file, told apart by their tensors."""
     if svdquant_backend not in SVDQUANT_BACKENDS:
         raise DCGenError(f"svdquant_backend: expected one of {list(SVDQUANT_BACKENDS)}, found '{svdquant_backend}'.")
+    from .svdquant_folder import is_svdquant_folder, split_file_hint
+
+    if is_svdquant_folder(path):  # nunchaku's pre-v1 layout: the merged file's tensors in two files
+        from .flux_svdquant import load_svdquant_flux
+
+        return load_svdquant_flux(path, vae=vae, backend=svdquant_backend)
     header = read_safetensors_header(path) if path.endswith((".safetensors", ".sft")) else None
     if header is None:
-        raise DCGenError(f"{path}: expected a single 4-bit .safetensors file, found "
-                         f"{'a folder' if os.path.isdir(path) else 'another kind of file'}. Load bf16 diffusers "
-                         "folders with Load DC-Gen Diffusion Model.")
+        raise DCGenError(f"{path}: expected a single 4-bit .safetensors file or nunchaku's pre-v1 SVDQuant folder "
+                         f"(transformer_blocks.safetensors + unquantized_layers.safetensors + config.json), found "
+                         f"{'another folder' if os.path.isdir(path) else 'another kind of file'}. Load bf16 "
+                         "diffusers folders with Load DC-Gen Diffusion Model.")
     kind = weight_format([k for k in header if k != "__metadata__"], header.get("__metadata__") or {})
     if kind == "svdquant":
         from .flux_svdquant import load_svdquant_flux
 
         return load_svdquant_flux(path, vae=vae, backend=svdquant_backend)
     if kind == "plain":
+        if split_file_hint(path):
+            raise DCGenError(f"{path}: expected a whole 4-bit model, found no 4-bit tensors.{split_file_hint(path)}")
         dtypes = sorted({v.get("dtype", "?") for k, v in header.items() if k != "__metadata__"})
-        raise DCGenError(f"{path}: expected a 4-bit file (NVFP4 with per-layer comfy_quant entries, or nunchaku "
-                         f"SVDQuant qweight/wscales), found a plain checkpoint ({', '.join(dtypes)}). Load it with "
-                         "Load DC-Gen Diffusion Model, or quantize it: python -m dcgen_core.quantize IN OUT --format nvfp4")
+        raise DCGenError(f"{path}: expected a 4-bit file (NVFP4 with per-layer comfy_quant entries or a "
+                         f"_quantization_metadata header, or nunchaku SVDQuant qweight/wscales), found a plain "
+                         f"checkpoint ({', '.join(dtypes)}). Load it with Load DC-Gen Diffusion Model, or quantize "
+                         "it: python -m dcgen_core.quantize IN OUT --format nvfp4")
     return load_nvfp4_flux(path, vae=vae, ops=ops)

@@ -44,6 +44,7 @@ int4); deepcompressor stored their bias already lowered by that shift (ShiftedLi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -352,7 +353,9 @@ class SVDQuantWeight:
       on the original (unsmoothed, unshifted) x; deepcompressor divided lora_down by smooth when converting, and
       nunchaku concatenates a diffusers LoRA's lora_A/lora_B onto them unchanged.
     * ``bias`` ``[out]`` (packed), ``wcscales`` ``[out]`` (packed, per channel) and ``wtscale`` ``[1]`` (per
-      tensor, the kernel's ``alpha``): fp4 only in practice; output = acc * wtscale * wcscales + bias.
+      tensor, the kernel's ``alpha``): fp4 only, and deepcompressor's converter writes one of the two per layer
+      (wtscale for a per-tensor scale, wcscales for a per-channel one or a fused qkv's per-tensor scales); nunchaku
+      accepts both; output = acc * wtscale * wcscales + bias.
     """
 
     qweight: torch.Tensor
@@ -798,18 +801,30 @@ def _build_awq(path: str, module: str, t: dict[str, torch.Tensor]) -> AWQW4A16We
 
 
 def read_svdquant_file(path: str) -> SVDQuantFile:
-    """Read a nunchaku SVDQuant FLUX transformer (one safetensors with ``config``, ``quantization_config`` and
-    ``comfy_config`` header metadata). Tensors are memory-mapped views of the file (copy what you keep)."""
-    header = read_safetensors_header(path)
-    meta = dict(header.get("__metadata__") or {})
-    names = [k for k in header if k != "__metadata__"]
+    """Read a nunchaku SVDQuant FLUX transformer: one safetensors with ``config``, ``quantization_config`` and
+    ``comfy_config`` header metadata, or nunchaku's pre-v1 folder of the same tensors in two files
+    (:mod:`.svdquant_folder`). Tensors are memory-mapped views of the files (copy what you keep)."""
+    from .svdquant_folder import is_svdquant_folder, read_folder, split_file_hint
+
+    if is_svdquant_folder(path):
+        files, meta = read_folder(path)
+    else:
+        header = read_safetensors_header(path)
+        files, meta = [(path, header)], dict(header.get("__metadata__") or {})
+    header = {k: v for _, h in files for k, v in h.items() if k != "__metadata__"}
+    source = {k: f for f, h in files for k in h if k != "__metadata__"}
+    names = list(header)
     qnames = [k for k in names if k.endswith(".qweight")]
     if not qnames:
         sample = ", ".join(sorted(names)[:4]) or "no tensors"
+        hint = split_file_hint(path) or (" This looks like a plain checkpoint: load it with the regular FLUX "
+                                         "loader.")
         raise DCGenError(f"{path}: expected a nunchaku SVDQuant file (4-bit '<module>.qweight' tensors with wscales, "
                          f"smooth, lora_down/lora_up and quantization_config metadata), found {len(names)} tensors "
-                         f"and no qweight ({sample}, ...). This looks like a plain checkpoint: load it with the "
-                         f"regular FLUX loader.")
+                         f"and no qweight ({sample}, ...).{hint}")
+    if "quantization_config" not in meta and split_file_hint(path):
+        raise DCGenError(f"{path}: expected header metadata 'quantization_config' (a nunchaku SVDQuant file made by "
+                         f"nunchaku's merge_safetensors), found none.{split_file_hint(path)}")
     quant = _parse_quant(path, meta)
     config = _json_meta(path, meta, "config")
     if config is not None and not isinstance(config, dict):
@@ -831,7 +846,12 @@ def read_svdquant_file(path: str) -> SVDQuantFile:
     awq: dict[str, AWQW4A16Weight] = {}
     other: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with contextlib.ExitStack() as stack:
+            handles = {f: stack.enter_context(safe_open(f, framework="pt", device="cpu")) for f, _ in files}
+
+            def tensor(k):
+                return handles[source[k]].get_tensor(k)
+
             for mod in sorted(grouped):
                 params = grouped[mod]
                 is_awq = header[params["qweight"]]["dtype"] == "I32" or "wzeros" in params
@@ -840,16 +860,16 @@ def read_svdquant_file(path: str) -> SVDQuantFile:
                     if unknown:
                         raise DCGenError(f"{path}: AWQ linear '{mod}': expected tensors {sorted(_AWQ_PARAMS)}, found "
                                          f"also {', '.join(unknown)} (a LoRA-patched or unknown format).")
-                    awq[mod] = _build_awq(path, mod, {p: f.get_tensor(k) for p, k in params.items()})
+                    awq[mod] = _build_awq(path, mod, {p: tensor(k) for p, k in params.items()})
                     continue
                 unknown = sorted(set(params) - set(_SVDQ_PARAMS))
                 if unknown:
                     raise DCGenError(f"{path}: quantized linear '{mod}': expected tensors among "
                                      f"{sorted(set(_SVDQ_PARAMS))}, found unknown {', '.join(unknown)}.")
-                t = {_SVDQ_PARAMS[p]: f.get_tensor(k) for p, k in params.items()}
+                t = {_SVDQ_PARAMS[p]: tensor(k) for p, k in params.items()}
                 linears[mod] = _build_svdq(path, mod, t, quant)
             for k in other_names:
-                other[k] = f.get_tensor(k)
+                other[k] = tensor(k)
     except DCGenError:
         raise
     except Exception as e:  # safetensors raises its own error types

@@ -65,8 +65,10 @@ class DCGenModelLoader:
 
 
 class DCGenNVFP4ModelLoader:
-    DESCRIPTION = ("Load a 4-bit FLUX / DC-Gen-FLUX transformer as a MODEL: a ComfyUI NVFP4 file (make one with "
-                   "python -m dcgen_core.quantize) or a nunchaku SVDQuant file (int4/fp4). Weights stay 4-bit in "
+    DESCRIPTION = ("Load a 4-bit FLUX / DC-Gen-FLUX transformer as a MODEL: a ComfyUI NVFP4 file (made by "
+                   "python -m dcgen_core.quantize or any tool writing ComfyUI's format, per-layer comfy_quant entries "
+                   "or the _quantization_metadata header, pre_quant_scale applied) or a nunchaku SVDQuant file "
+                   "(int4/fp4; also nunchaku's pre-v1 folder). Weights stay 4-bit in "
                    "memory; native NVFP4 matmul on RTX 50xx/B200 (SM >= 10), dequantized per layer elsewhere. "
                    "A base FLUX file becomes DC-Gen with Apply DC-Gen Aligned Embedding + Load DC-Gen LoRA.")
     CATEGORY = CATEGORY
@@ -78,7 +80,9 @@ class DCGenNVFP4ModelLoader:
         return {"required": {
             "unet_name": (comfy_paths.weight_files("diffusion_models"), {
                 "tooltip": "4-bit transformer in models/diffusion_models: an NVFP4 safetensors (per-layer "
-                           "comfy_quant entries) or a nunchaku svdq-int4/svdq-fp4 FLUX safetensors."}),
+                           "comfy_quant entries or a _quantization_metadata header) or a nunchaku "
+                           "svdq-int4/svdq-fp4 FLUX safetensors, or nunchaku's pre-v1 folder of the same "
+                           "(transformer_blocks.safetensors + unquantized_layers.safetensors + config.json)."}),
             "svdquant_backend": (list(SVDQUANT_BACKENDS), {
                 "default": "auto",
                 "tooltip": "nunchaku SVDQuant files only. auto: nunchaku's CUDA kernels when nunchaku is "
@@ -102,8 +106,9 @@ class DCGenSanaModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return _transformer_inputs("SANA transformer in models/diffusion_models: a diffusers transformer folder or "
-                                   "file, or an original SANA checkpoint as safetensors (with a config.json beside "
-                                   "it for widths other than SANA's own).")
+                                   "file, or an original SANA checkpoint as safetensors (512 px to 4K: its "
+                                   "resolution and position embedding are read from its pos_embed; a config.json "
+                                   "beside it for widths other than SANA's own).")
 
     def load(self, unet_name, weight_dtype, vae=None):
         return (load_sana_transformer(comfy_paths.full_path("diffusion_models", unet_name), weight_dtype, vae=vae),)

@@ -49,14 +49,17 @@ def weight_from(fx, case, act_shift=0.0):
                             kind=kind, group_size=64 if kind == "int4" else 16, act_shift=act_shift)
 
 
-def stored_weight_reference(nat, kind):
-    """dequant(qweight) * wcscales * wtscale from the natural tensors: the weight of the SMOOTHED input."""
+def stored_weight_reference(nat, kind, outer=("wcscales", "wtscale")):
+    """dequant(qweight) * wcscales * wtscale from the natural tensors: the weight of the SMOOTHED input. ``outer``:
+    the fp4 outer scales the layer carries (deepcompressor's files carry one of the two)."""
     codes = nat["codes"]
     vals = codes.float() if kind == "int4" else torch.tensor(E2M1)[codes.long()]
     gs = 64 if kind == "int4" else 16
     w = vals * nat["wscales"].float().repeat_interleave(gs, dim=1)
-    if kind == "fp4":
-        w = w * nat["wcscales"].float()[:, None] * nat["wtscale"].float()
+    if kind == "fp4" and "wcscales" in outer:
+        w = w * nat["wcscales"].float()[:, None]
+    if kind == "fp4" and "wtscale" in outer:
+        w = w * nat["wtscale"].float()
     return w
 
 
@@ -311,15 +314,19 @@ def quant_config(kind):
 
 
 def write_nunchaku_file(path, fx, kind="int4", drop=(), qc=None, metadata_extra=None):
+    """The packing fixture's layers in a file as deepcompressor's converter lays them out: fp4 layers with ONE outer
+    scale (as its per-tensor mode writes them: the fused qkv_proj wcscales, the others wtscale), the AdaLN scales
+    with the ceil(in/64) rows nunchaku's loader reads (the fixture holds TinyChat's padded 16)."""
     a, b = f"{kind}_a", f"{kind}_b"
     sd = {}
     for module, case in (("transformer_blocks.0.qkv_proj", a), ("transformer_blocks.0.mlp_context_fc2", b),
                          ("single_transformer_blocks.0.mlp_fc2", b), ("single_transformer_blocks.0.out_proj", a)):
+        unused = "wtscale" if module.endswith("qkv_proj") else "wcscales"
         for k, v in part(fx, case, "packed").items():
-            if f"{module}.{k}" not in drop:
+            if f"{module}.{k}" not in drop and k != unused:
                 sd[f"{module}.{k}"] = v
     for k, v in part(fx, "awq", "packed").items():
-        sd[f"transformer_blocks.0.norm1.linear.{k}"] = v
+        sd[f"transformer_blocks.0.norm1.linear.{k}"] = v[:128 // 64] if k in ("wscales", "wzeros") else v
     plain = {"x_embedder.weight": torch.randn(128, 64).to(torch.bfloat16),
              "x_embedder.bias": torch.zeros(128, dtype=torch.bfloat16),
              "transformer_blocks.0.norm_q.weight": torch.ones(128, dtype=torch.bfloat16),
@@ -356,15 +363,20 @@ def test_read_svdquant_file(fx, tmp_path, kind):
     assert (qkv.kind, qkv.in_features, qkv.out_features, qkv.rank) == (kind, 128, 256, 32)
     assert qkv.act_shift == 0.0 and qkv.smooth_orig is not None
     nat = part(fx, f"{kind}_a", "natural")
-    ref = stored_weight_reference(nat, kind) / nat["smooth"].float()[None, :]
+    ref = stored_weight_reference(nat, kind, outer=("wcscales",)) / nat["smooth"].float()[None, :]
     torch.testing.assert_close(qkv.dequantize(), ref, rtol=1e-6, atol=0)
+    out_proj = f.linears["single_transformer_blocks.0.out_proj"]
+    ref = stored_weight_reference(nat, kind, outer=("wtscale",)) / nat["smooth"].float()[None, :]
+    torch.testing.assert_close(out_proj.dequantize(), ref, rtol=1e-6, atol=0)
+    assert f.awq["transformer_blocks.0.norm1.linear"].wscales.shape == (2, 192)
     fc2 = f.linears["transformer_blocks.0.mlp_context_fc2"]
     single_fc2 = f.linears["single_transformer_blocks.0.mlp_fc2"]
     expected_shift = SHIFT if kind == "int4" else 0.0  # only int4 fc2 inputs are shifted GELU outputs
     assert fc2.act_shift == expected_shift and single_fc2.act_shift == expected_shift
     assert f.linears["single_transformer_blocks.0.out_proj"].act_shift == 0.0
     if kind == "fp4":
-        assert qkv.wcscales is not None and qkv.tensor_scale() == pytest.approx(0.0123, rel=1e-2)
+        assert qkv.wcscales is not None and qkv.wtscale is None and qkv.tensor_scale() == 1.0
+        assert out_proj.wcscales is None and out_proj.tensor_scale() == pytest.approx(0.0123, rel=1e-2)
 
 
 def test_module_table():

@@ -234,7 +234,8 @@ def reference_images(transformer, vae, width: int, height: int, seed: int, steps
     img_ids = ids.reshape(h * w, 3)
     txt_ids = torch.zeros(cond.shape[1], 3)
     for t in timesteps:
-        v = transformer(hidden_states=packed, timestep=(t / 1000).expand(batch), guidance=torch.full((batch,), guidance),
+        g = None if guidance is None else torch.full((batch,), guidance)  # None: no guidance embedder (schnell)
+        v = transformer(hidden_states=packed, timestep=(t / 1000).expand(batch), guidance=g,
                         pooled_projections=pooled.expand(batch, -1), encoder_hidden_states=cond.expand(batch, -1, -1),
                         txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         packed = scheduler.step(v, t, packed, return_dict=False)[0]
