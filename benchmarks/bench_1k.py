@@ -41,7 +41,7 @@ from common import (
     timed_pair,
 )
 
-from dcgen_core.headless import boot, comfyui_version_at  # noqa: E402
+from dcgen_core.tools.headless import boot, comfyui_version_at  # noqa: E402
 
 
 def main():
@@ -70,8 +70,9 @@ def main():
     import comfy.sample
     import comfy.samplers
 
-    from comfyui_dc_gen.dcgen_core.embedding import AlignedEmbedding
-    from comfyui_dc_gen.dcgen_core.flux import apply_aligned_embedding, build_comfy_flux
+    from comfyui_dc_gen.dcgen_core.shared.embedding import AlignedEmbedding
+    from comfyui_dc_gen.dcgen_core.flux.dcgen import apply_aligned_embedding
+    from comfyui_dc_gen.dcgen_core.flux.comfy_model import build_comfy_flux
 
     ref, sd, cfg = build_models(a.double, a.single)
     base = build_comfy_flux(sd, cfg, "fp32", source="benchmark FLUX")
@@ -120,7 +121,7 @@ def main():
     ts = torch.tensor([0.7])
     context, y = cond[0][0], cond[0][1]["pooled_output"]
     guidance = torch.tensor([3.5])
-    from comfyui_dc_gen.dcgen_core.latent_space import linear_like
+    from comfyui_dc_gen.dcgen_core.shared.latent_space import linear_like
 
     bare_in = linear_like(dm.img_in, emb.img_in_weight, emb.img_in_bias, None)
     bare_out = linear_like(dm.final_layer.linear, emb.out_weight, emb.out_bias, None)
@@ -179,7 +180,7 @@ def main():
 def bench_decode(size: int, repeats: int):
     from diffusers import AutoencoderDC
 
-    from dcgen_core.dcae import DCAE, VARIANTS
+    from dcgen_core.shared.dcae import DCAE, VARIANTS
 
     cfg = VARIANTS["dc-ae-f32c32-sana-1.1"]
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ Side by side in one run, base FLUX (16-ch latent /8, 2x2 patches: one token per 
    ComfyUI's T5-XXL at full width and reduced depth, measured, extrapolated to its 24 layers), the official
    20 sampling steps, and decode with the full-size DC-AE-1.5 f64c128 decoder (random weights), measured
    at --decode-size and extrapolated to 2048x2048 and 4096x4096 (untiled, and tiled as
-   dcgen_core.dcae.decode_tiled with 32-latent-pixel tiles) by exact FLOP counts; shares in %.
+   dcgen_core.shared.dcae.decode_tiled with 32-latent-pixel tiles) by exact FLOP counts; shares in %.
 
     python benchmarks/bench_4k.py [--double 1 --single 2 --text 512 --steps 2 --sizes 2048 4096 --decode-size 1024]
 
@@ -59,8 +59,8 @@ from common import (
     timed,
 )
 
-from dcgen_core.dcae.tiling import DEFAULT_TILE_LATENT, default_overlap
-from dcgen_core.headless import boot
+from dcgen_core.shared.dcae.tiling import DEFAULT_TILE_LATENT, default_overlap
+from dcgen_core.tools.headless import boot
 
 DC_CHANNELS, DC_F = 128, 64  # DC-AE-1.5 f64c128
 BASE_CHANNELS, BASE_F, BASE_PATCH = 16, 8, 2  # FLUX VAE latent, 2x2 patches
@@ -92,14 +92,15 @@ def build_flux_pair(cfg, device, dtype, weight_dtype: str, hidden: int):
     """
     from dataclasses import replace
 
-    from comfyui_dc_gen.dcgen_core import flux as pack_flux
+    from comfyui_dc_gen.dcgen_core.flux import dcgen as pack_flux
+    from comfyui_dc_gen.dcgen_core.flux import comfy_model as pack_flux_comfy_model
 
     sd = random_flux_state_dict(cfg, device, dtype)
-    base = pack_flux.build_comfy_flux(sd, cfg, weight_dtype, source="benchmark FLUX")
+    base = pack_flux_comfy_model.build_comfy_flux(sd, cfg, weight_dtype, source="benchmark FLUX")
     emb = random_aligned_embedding(DC_CHANNELS, hidden)
     sd_dc = {**sd, **{k: v.to(device=device, dtype=dtype) for k, v in emb.to_bfl_state_dict().items()}}
     cfg_dc = replace(cfg, img_in_features=DC_CHANNELS, out_features=DC_CHANNELS)
-    dcgen = pack_flux.build_comfy_flux(sd_dc, cfg_dc, weight_dtype, source="benchmark DC-Gen-f64")
+    dcgen = pack_flux_comfy_model.build_comfy_flux(sd_dc, cfg_dc, weight_dtype, source="benchmark DC-Gen-f64")
     pack_flux._install_latent_space(dcgen, DC_CHANNELS, pack_flux.resolve_scaling(DC_CHANNELS), own_model=True)
     del sd, sd_dc
     return base, dcgen
@@ -359,7 +360,7 @@ def bench_text(a) -> tuple[float, str]:
 
 def bench_decode(decode_size: int, sizes: list[int], repeats: int) -> dict[int, tuple[float, str]]:
     """Full-size DC-AE-1.5 f64c128 decoder (random weights), fp32 CPU: one size measured, the rest by FLOPs."""
-    from dcgen_core.dcae import VARIANTS, estimate_decode_bytes
+    from dcgen_core.shared.dcae import VARIANTS, estimate_decode_bytes
 
     cfg = VARIANTS[DCAE_VARIANT]
     dcae = random_dcae_decoder(cfg)

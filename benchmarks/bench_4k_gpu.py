@@ -11,7 +11,7 @@ embedder/head in the DC-AE latent space, built as the pack's loader builds the o
 - an out-of-memory error is caught and reported (base FLUX at 4096x4096 may not fit 24 GB cards);
 - text encoders: ComfyUI's T5-XXL (24 layers) and CLIP-L, random weights, as ComfyUI runs them;
 - DC-AE-1.5 f64c128 decoder (full size, random weights): latency and peak VRAM, untiled and tiled
-  (32-latent-pixel tiles, a quarter overlap, as dcgen_core.dcae.decode_tiled);
+  (32-latent-pixel tiles, a quarter overlap, as dcgen_core.shared.dcae.decode_tiled);
 - end-to-end: text + 20 steps + decode, with shares.
 
     python benchmarks/bench_4k_gpu.py [--sizes 1024 2048 4096] [--steps 3] [--repeats 2] [--dtype bf16]
@@ -72,7 +72,7 @@ class Dims:
             self.clip = {**b4.clip_l_config(), "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
                          "num_hidden_layers": 2, "projection_dim": 64}
             self.tile = 4
-        from dcgen_core.dcae import VARIANTS
+        from dcgen_core.shared.dcae import VARIANTS
 
         self.dcae = VARIANTS[b4.DCAE_VARIANT]
         if tiny:
@@ -129,7 +129,7 @@ def free(cuda: bool):
 
 def boot_comfy(cuda: bool):
     """ComfyUI booted on the GPU with --highvram (models stay there) or on the CPU."""
-    from dcgen_core.headless import boot, comfyui_path
+    from dcgen_core.tools.headless import boot, comfyui_path
 
     if cuda:
         path = comfyui_path()
@@ -301,8 +301,8 @@ def bench_text(d: Dims, text: int, device, dtype, cuda: bool, repeats: int) -> f
 
 
 def bench_decode(d: Dims, sizes, device, dtype, cuda: bool, repeats: int) -> dict[int, tuple[float, str]]:
-    from dcgen_core.dcae import decode_tiled
-    from dcgen_core.dcae.tiling import default_overlap
+    from dcgen_core.shared.dcae import decode_tiled
+    from dcgen_core.shared.dcae.tiling import default_overlap
 
     free(cuda)
     before = allocated(cuda)

@@ -2,7 +2,7 @@
 
 Each (size, untiled/tiled) case runs in a fresh subprocess that builds the
 decoder (the real DC-AE-1.5 f64c128 widths and depths from
-dcgen_core.dcae.VARIANTS, 408 M parameters), then measures one decode of a
+dcgen_core.shared.dcae.VARIANTS, 408 M parameters), then measures one decode of a
 random latent under torch.inference_mode():
 
 - CPU: peak resident memory, VmHWM from /proc/self/status, reset to the
@@ -13,7 +13,7 @@ random latent under torch.inference_mode():
   minus memory_allocated after the build (the caching allocator's reserve is
   not counted).
 
-Cases whose estimated need (dcgen_core.dcae.estimate_decode_bytes + weights)
+Cases whose estimated need (dcgen_core.shared.dcae.estimate_decode_bytes + weights)
 exceeds ``--mem-fraction`` of the memory available (MemAvailable on CPU, free
 device memory on CUDA) are skipped with the reason printed.
 
@@ -47,8 +47,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dcgen_core.dcae import VARIANTS, estimate_decode_bytes  # noqa: E402
-from dcgen_core.dcae.tiling import available_ram, decode_tiled, tile_count  # noqa: E402
+from dcgen_core.shared.dcae import VARIANTS, estimate_decode_bytes  # noqa: E402
+from dcgen_core.shared.dcae.tiling import available_ram, decode_tiled, tile_count  # noqa: E402
 
 from common import random_dcae_decoder  # noqa: E402  (this script's folder is on sys.path)
 
@@ -145,7 +145,7 @@ def _available(device: torch.device) -> int:
 
 
 def _decoder_parameters() -> int:
-    from dcgen_core.dcae.model import Decoder
+    from dcgen_core.shared.dcae.model import Decoder
 
     with torch.device("meta"):
         return sum(p.numel() for p in Decoder(VARIANTS[VARIANT]).parameters())

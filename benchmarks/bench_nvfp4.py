@@ -47,8 +47,8 @@ def projected_ratio(path: str, modulation: bool) -> float:
     import comfy.ops
     from safetensors import safe_open
 
-    from dcgen_core import nvfp4
-    from dcgen_core.comfy_compat import flux_params_kwargs
+    from dcgen_core.shared.quant import nvfp4
+    from dcgen_core.flux.comfy_model import flux_params_kwargs
 
     with safe_open(path, "pt") as f:
         layers = {k[: -len(".comfy_quant")] for k in f.keys() if k.endswith(".comfy_quant")}
@@ -85,9 +85,9 @@ def main():
     ap.add_argument("--text", type=int, default=64, help="text tokens")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    from dcgen_core.headless import boot, comfyui_path, comfyui_version_at
-    from dcgen_core.quantize import quantize_flux
-    from dcgen_core.quantized_ops import core_reads_nvfp4
+    from dcgen_core.tools.headless import boot, comfyui_path, comfyui_version_at
+    from dcgen_core.flux.quantize import quantize_flux
+    from dcgen_core.shared.quant.ops import core_reads_nvfp4
 
     side = int(round(a.tokens ** 0.5))
     with tempfile.TemporaryDirectory() as folder:

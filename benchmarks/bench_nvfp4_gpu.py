@@ -5,7 +5,7 @@
 
 Full FLUX.1 dimensions (hidden 3072, 19 double + 38 single blocks) with random bf16 weights made on the GPU. The
 bf16 model is built as Load DC-Gen Diffusion Model builds it; the NVFP4 one is quantized on the GPU by the
-quantizer's own code (dcgen_core.quantize.quantize_state_dict: block linears, plus the modulation linears with
+quantizer's own code (dcgen_core.shared.quant.quantize.quantize_state_dict: block linears, plus the modulation linears with
 --modulation) and built as Load DC-Gen Diffusion Model (NVFP4) builds it, with the ops the running ComfyUI picks.
 Compute path: native NVFP4 matmul where the GPU and comfy-kitchen's CUDA backend support it (SM >= 10),
 weight-only otherwise (each layer dequantized to bf16 just before its matmul). Per step = one diffusion-model call
@@ -81,11 +81,12 @@ def main() -> int:
     boot_comfy(cuda)
     import comfy.model_management as mm
 
-    from dcgen_core import nvfp4
-    from dcgen_core.flux import _install_latent_space, build_comfy_flux
-    from dcgen_core.flux_4bit import build_quantized_flux
-    from dcgen_core.headless import comfyui_path, comfyui_version_at
-    from dcgen_core.quantize import quantize_state_dict
+    from dcgen_core.shared.quant import nvfp4
+    from dcgen_core.flux.dcgen import _install_latent_space
+    from dcgen_core.flux.comfy_model import build_comfy_flux
+    from dcgen_core.flux.four_bit import build_quantized_flux
+    from dcgen_core.tools.headless import comfyui_path, comfyui_version_at
+    from dcgen_core.shared.quant.quantize import quantize_state_dict
 
     device = mm.get_torch_device()
     if a.tiny:

@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import loadavg, randomize_module_
 
-from dcgen_core.headless import boot, comfyui_version_at
+from dcgen_core.tools.headless import boot, comfyui_version_at
 
 KINDS = {  # latent channels, spatial compression (1x1 patches), label
     "sana": (32, 32, "SANA (DC-AE f32c32)"),
@@ -109,7 +109,7 @@ def build_models(layers: int, grids: dict[str, int]):
     tensor (and the caption/timestep embedders) is the same in both, only patch_embed/proj_out differ."""
     import comfy.ops
 
-    from dcgen_core.latent_space import DEFAULT_SCALING
+    from dcgen_core.shared.latent_space import DEFAULT_SCALING
     from dcgen_core.sana.comfy_model import build_comfy_sana
     from dcgen_core.sana.model import SanaTransformer
 

@@ -1,7 +1,7 @@
 """Helpers shared by the benchmarks: FLUX dimensions, the FLOP model, timing, random models.
 
 Imported by ``bench_1k.py``, ``bench_4k.py`` and ``bench_4k_gpu.py`` (run as scripts, so this folder is on
-``sys.path``). Functions that touch ComfyUI (``random_flux_state_dict``) need ``dcgen_core.headless.boot``
+``sys.path``). Functions that touch ComfyUI (``random_flux_state_dict``) need ``dcgen_core.tools.headless.boot``
 to have run first.
 """
 
@@ -129,7 +129,7 @@ def build_models(double: int, single: int):
     state dict and FluxConfig."""
     from diffusers import FluxTransformer2DModel
 
-    from dcgen_core.flux_keys import diffusers_to_bfl, flux_config_from_state_dict
+    from dcgen_core.flux.keys import diffusers_to_bfl, flux_config_from_state_dict
 
     torch.manual_seed(0)
     ref = FluxTransformer2DModel(patch_size=1, in_channels=64, out_channels=64, num_layers=double,
@@ -146,7 +146,7 @@ def build_models(double: int, single: int):
 def flux_config(double: int, single: int, channels: int = 64, hidden: int = HIDDEN, heads: int = HEADS,
                 context: int = CONTEXT, pooled: int = POOLED, axes_dim=(16, 56, 56)):
     """The FluxConfig of a FLUX transformer (guidance-distilled, qkv bias) with ``channels`` in/out features."""
-    from dcgen_core.flux_keys import FluxConfig
+    from dcgen_core.flux.keys import FluxConfig
 
     return FluxConfig(hidden_size=hidden, num_heads=heads, head_dim=hidden // heads, depth=double,
                       depth_single_blocks=single, context_in_dim=context, vec_in_dim=pooled,
@@ -173,7 +173,7 @@ def random_flux_state_dict(cfg, device="cpu", dtype=torch.float32, seed: int = 0
     import comfy.ldm.flux.model
     import comfy.ops
 
-    from dcgen_core.comfy_compat import flux_params_kwargs
+    from dcgen_core.flux.comfy_model import flux_params_kwargs
 
     meta = comfy.ldm.flux.model.Flux(image_model="flux", dtype=dtype, device="meta",
                                      operations=comfy.ops.disable_weight_init,
@@ -188,7 +188,7 @@ def random_flux_state_dict(cfg, device="cpu", dtype=torch.float32, seed: int = 0
 
 def random_aligned_embedding(channels: int, hidden: int = HIDDEN, seed: int = 1):
     """A random DC-Gen embedder/head pair for ``channels`` DC-AE latent channels (what the pack applies)."""
-    from dcgen_core.embedding import AlignedEmbedding
+    from dcgen_core.shared.embedding import AlignedEmbedding
 
     g = torch.Generator().manual_seed(seed)
     return AlignedEmbedding(0.02 * torch.randn(hidden, channels, generator=g), torch.zeros(hidden),
@@ -209,7 +209,7 @@ def randomize_module_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 
 def random_dcae_decoder(config, device="cpu", dtype=torch.float32, seed: int = 0):
     """A dcgen_core DCAE for ``config`` whose decoder holds random weights; no encoder is materialised."""
-    from dcgen_core.dcae import DCAE
+    from dcgen_core.shared.dcae import DCAE
 
     with torch.device("meta"):
         dcae = DCAE(config)
@@ -228,7 +228,7 @@ def dcae_decode_flops(config, latent_hw: tuple[int, int], tile: int | None = Non
     ``decode_tiled(tile, overlap)``. Counted by torch's FlopCounterMode on the meta device (no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dcgen_core.dcae import DCAE, decode_tiled
+    from dcgen_core.shared.dcae import DCAE, decode_tiled
 
     with torch.device("meta"):
         dcae = DCAE(config).eval()

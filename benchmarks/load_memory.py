@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD = textwrap.dedent("""
     import json, sys, threading, time
     sys.path.insert(0, {repo!r})
-    from dcgen_core.headless import boot
+    from dcgen_core.tools.headless import boot
     boot(cpu=True, model_dirs={{"diffusion_models": [{folder!r}]}})
 
     def status(field):
@@ -78,7 +78,7 @@ def write_layouts(folder: str, double: int, single: int, heads: int, seed: int =
     from safetensors.torch import save_file
 
     sys.path.insert(0, REPO)
-    from dcgen_core.flux_keys import diffusers_to_bfl
+    from dcgen_core.flux.keys import diffusers_to_bfl
 
     torch.manual_seed(seed)
     cfg = dict(patch_size=1, in_channels=32, out_channels=32, num_layers=double, num_single_layers=single,
@@ -106,7 +106,7 @@ def main():
     ap.add_argument("--heads", type=int, default=6, help="attention heads of 128 (FLUX: 24)")
     a = ap.parse_args()
     sys.path.insert(0, REPO)
-    from dcgen_core.headless import comfyui_path, comfyui_version_at
+    from dcgen_core.tools.headless import comfyui_path, comfyui_version_at
 
     with tempfile.TemporaryDirectory() as folder:
         sizes = write_layouts(folder, a.double, a.single, a.heads)

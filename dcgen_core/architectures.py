@@ -1,59 +1,64 @@
-"""The model architectures the pack patches (FLUX, SANA): what the shared nodes need from each.
+"""The architecture registry: the model families the pack patches, and what the shared nodes ask of them.
 
-Apply DC-Gen Aligned Embedding and Load DC-Gen LoRA take any supported MODEL; this module tells which one it is
-and hands out its embedding patch and LoRA key map, so neither node nor the LoRA code branches on model types.
+Apply DC-Gen Aligned Embedding and Load DC-Gen LoRA take a MODEL of any family; this module tells which family it is
+(each family's ``architecture.ARCHITECTURE``, see shared/family.py) and hands out its embedding patch and LoRA key
+map, so neither the nodes nor the shared LoRA code branch on model types. A new family registers in ARCHITECTURES.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-from .errors import DCGenError
-
-
-@dataclass(frozen=True)
-class Architecture:
-    name: str
-    apply_aligned_embedding: Callable  # (model, AlignedEmbedding, vae=None, clone=True) -> model
-    lora_key_map: Callable  # (model, model weight keys) -> {LoRA module name: ComfyUI patch key}
-    lora_example: str
+from .flux.architecture import ARCHITECTURE as FLUX
+from .sana.architecture import ARCHITECTURE as SANA
+from .shared.errors import DCGenError
+from .shared.family import Architecture
+from .shared.lora import lora_patches, read_lora_file, split_quantized
 
 
-def _flux_key_map(model, keys):
-    from .flux import flux_config_of
-    from .lora import flux_lora_key_map
-
-    return flux_lora_key_map(keys, flux_config_of(model))
-
-
-def _sana_key_map(model, keys):
-    from .lora import diffusers_lora_key_map
-
-    return diffusers_lora_key_map(keys)
+#: Every model family the pack patches (one entry per family; ARCHITECTURE.md, "Adding a model family").
+ARCHITECTURES: tuple[Architecture, ...] = (FLUX, SANA)
 
 
 def architecture_of(model, subject: str = "model") -> Architecture:
-    import comfy.ldm.flux.model
-
-    from .sana.model import SanaTransformer
-
     dm = model.get_model_object("diffusion_model")
-    if isinstance(dm, SanaTransformer):
-        from .sana.dcgen import apply_aligned_embedding
-
-        return Architecture("SANA", apply_aligned_embedding, _sana_key_map,
-                            "transformer.transformer_blocks.0.attn1.to_q")
-    if isinstance(dm, comfy.ldm.flux.model.Flux) and hasattr(dm, "img_in"):
-        from .flux import apply_aligned_embedding
-
-        return Architecture("FLUX", apply_aligned_embedding, _flux_key_map,
-                            "transformer.transformer_blocks.0.attn.to_q or lora_unet_double_blocks_0_img_attn_qkv")
-    raise DCGenError(f"{subject}: expected a FLUX model (FLUX.1-dev / Krea-dev from Load Diffusion Model) or a SANA "
-                     f"model (Load SANA Diffusion Model), found {type(model.model).__name__} with a "
+    for arch in ARCHITECTURES:
+        if arch.matches(dm):
+            return arch
+    expected = " or ".join(arch.expected for arch in ARCHITECTURES)
+    raise DCGenError(f"{subject}: expected {expected}, found {type(model.model).__name__} with a "
                      f"{type(dm).__name__} transformer.")
 
 
 def apply_aligned_embedding(model, emb, vae=None):
     """The embedding patch of ``model``'s architecture, on a clone."""
     return architecture_of(model, subject=emb.source).apply_aligned_embedding(model, emb, vae=vae)
+
+
+def apply_lora(model, path: str, strength: float = 1.0, vae=None):
+    """A clone of ``model`` with the LoRA at ``path`` added as weight patches.
+
+    When the file also carries an aligned embedder/head, the clone gets them too
+    (and with them the DC-AE latent space).
+    """
+
+    arch = architecture_of(model, subject=path)
+    lora_sd, emb = read_lora_file(path)
+    if emb is None and not lora_sd:
+        raise DCGenError(f"{path}: expected LoRA weights or an aligned embedding, found an empty file.")
+    m = model.clone()
+    if emb is not None:
+        m = arch.apply_aligned_embedding(m, emb, vae=vae, clone=False)
+    if lora_sd and strength != 0:
+        from .shared.latent_space import logical_weights
+        from .shared.quant.ops import add_low_rank_terms, runtime_lora_targets
+
+        patches = lora_patches(m, lora_sd, path, arch)
+        weights = logical_weights(m.model)
+        terms, patches = split_quantized(patches, weights, strength, runtime_lora_targets(m.model, weights))
+        if terms:
+            add_low_rank_terms(m, terms)
+        applied = set(m.add_patches(patches, strength))
+        skipped = [k for k in patches if k not in applied]
+        if skipped:
+            raise DCGenError(f"{path}: expected every LoRA target to exist in the model, found {len(skipped)} "
+                             f"that do not, e.g. {skipped[:3]}.")
+    return m

@@ -1,8 +1,8 @@
 """Latent and schedule nodes: empty DC-AE latents and the DC-Gen time shift."""
 
-from ..dcgen_core.comfy_vae import empty_dcae_latent
-from ..dcgen_core.flux import set_time_shift
-from ..dcgen_core.schedules import RULES
+from ..dcgen_core.shared.comfy_vae import empty_dcae_latent
+from ..dcgen_core.flux.dcgen import set_time_shift
+from ..dcgen_core.shared.schedules import RULES
 
 MAX_RESOLUTION = 16384
 

@@ -1,14 +1,14 @@
 """Loader and patcher nodes: DC-AE VAE, DC-Gen transformer, aligned embedding, LoRA."""
 
-from ..dcgen_core import comfy_paths
-from ..dcgen_core.comfy_vae import load_comfy_vae
-from ..dcgen_core.dcae import VARIANTS
-from ..dcgen_core.embedding import load_aligned_embedding
+from ..dcgen_core.shared import comfy_paths
+from ..dcgen_core.shared.comfy_vae import load_comfy_vae
+from ..dcgen_core.shared.dcae import VARIANTS
+from ..dcgen_core.shared.embedding import load_aligned_embedding
 from ..dcgen_core.architectures import apply_aligned_embedding
-from ..dcgen_core.flux import load_flux_transformer
-from ..dcgen_core.flux_4bit import SVDQUANT_BACKENDS, load_4bit_flux
-from ..dcgen_core.latent_space import WEIGHT_DTYPES
-from ..dcgen_core.lora import apply_lora
+from ..dcgen_core.flux.comfy_model import load_flux_transformer
+from ..dcgen_core.flux.four_bit import SVDQUANT_BACKENDS, load_4bit_flux
+from ..dcgen_core.shared.latent_space import WEIGHT_DTYPES
+from ..dcgen_core.architectures import apply_lora
 from ..dcgen_core.sana.comfy_model import load_sana_transformer
 from ..dcgen_core.sana.text_encoder import load_sana_text_encoder
 

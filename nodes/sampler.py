@@ -1,8 +1,8 @@
 """The DC-Gen sampler node (text-to-image and img2img up to 4096x4096)."""
 
-from ..dcgen_core.dpm_flow import SOLVER_TYPES, dpm_flow_sampler
-from ..dcgen_core.sampling import sample
-from ..dcgen_core.schedules import FLOW_SCHEDULES, flow_schedule_sigmas
+from ..dcgen_core.shared.dpm_flow import SOLVER_TYPES, dpm_flow_sampler
+from ..dcgen_core.shared.sampling import sample
+from ..dcgen_core.shared.schedules import FLOW_SCHEDULES, flow_schedule_sigmas
 from .latent import MAX_RESOLUTION
 
 

@@ -1,6 +1,6 @@
 """Tiled DC-AE decode/encode nodes: tiling chosen automatically when the untiled pass would not fit, or by the user."""
 
-from ..dcgen_core.comfy_vae import TILE_MODES, dcae_decode, dcae_encode
+from ..dcgen_core.shared.comfy_vae import TILE_MODES, dcae_decode, dcae_encode
 
 CATEGORY = "DC-Gen/vae"
 

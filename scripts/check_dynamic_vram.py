@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available() and not a.dry_run:
         print("check_dynamic_vram: no CUDA device here; dynamic VRAM only exists on GPUs (exit 2).")
         return 2
-    from dcgen_core.headless import boot
+    from dcgen_core.tools.headless import boot
 
     tmp = tempfile.mkdtemp(prefix="dcgen-dynvram-")
     kinds = ("vae", "diffusion_models", "loras", "dcgen_embeddings")

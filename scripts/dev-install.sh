@@ -15,7 +15,7 @@ $PIP install -e ".[test,cli,train]"
 
 # oldest version first, so that where two versions pin a package differently the newest pin is kept
 mapfile -t CHECKOUTS < <(python - <<'PY'
-from dcgen_core.headless import comfyui_paths, comfyui_version_at
+from dcgen_core.tools.headless import comfyui_paths, comfyui_version_at
 def key(path):
     return tuple(int(p) if p.isdigit() else 0 for p in comfyui_version_at(path).split("."))
 print("\n".join(sorted(comfyui_paths(), key=key)))

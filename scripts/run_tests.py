@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dcgen_core.headless import comfyui_path, comfyui_paths, comfyui_version_at  # noqa: E402
+from dcgen_core.tools.headless import comfyui_path, comfyui_paths, comfyui_version_at  # noqa: E402
 
 _COUNTS = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 

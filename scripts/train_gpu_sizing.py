@@ -41,7 +41,7 @@ def flux_config(args) -> dict:
 
 
 def dcae_config(args):
-    from dcgen_core.dcae import VARIANTS
+    from dcgen_core.shared.dcae import VARIANTS
 
     name = {32: "dc-ae-f32c32-sana-1.1", 128: "dc-ae-1.5-f64c128", 512: "dc-ae-f128c512-mix-1.0"}[args.channels]
     cfg = VARIANTS[name]
@@ -58,7 +58,7 @@ def dcae_config(args):
 def flux_vae(args):
     from diffusers import AutoencoderKL
 
-    from dcgen_core.train.data import FLUX_VAE_CONFIG
+    from dcgen_core.tools.train.encoders import FLUX_VAE_CONFIG
 
     cfg = dict(FLUX_VAE_CONFIG)
     if args.tiny:
@@ -115,12 +115,13 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16
     meter = Meter(torch, device)
 
-    from dcgen_core.dcae import DCAE
-    from dcgen_core.train.alignment import align
-    from dcgen_core.train.common import TrainConfig
-    from dcgen_core.train.data import BaseVAE, DCAEEncoder, MemoryCache
-    from dcgen_core.train.finetune import train_lora
-    from dcgen_core.train.model import new_linear, random_base_transformer
+    from dcgen_core.shared.dcae import DCAE
+    from dcgen_core.tools.train.alignment import align
+    from dcgen_core.tools.train.common import TrainConfig
+    from dcgen_core.tools.train.encoders import BaseVAE, DCAEEncoder
+    from dcgen_core.tools.train.cache import MemoryCache
+    from dcgen_core.tools.train.finetune import train_lora
+    from dcgen_core.tools.train.model import new_linear, random_base_transformer
 
     cfg_flux = flux_config(args)
     dc_cfg = dcae_config(args)

@@ -5,7 +5,7 @@ so workflow tests replace the CLIP loader's output with a tiny deterministic
 encoder and parity tests feed the reference's prompt embeddings directly.
 """
 
-from dcgen_core import smoke
+from dcgen_core.tools import smoke
 
 import nodes as comfy_nodes
 

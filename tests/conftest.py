@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from dcgen_core.headless import comfyui_available, comfyui_path, comfyui_version_at  # noqa: E402
+from dcgen_core.tools.headless import comfyui_available, comfyui_path, comfyui_version_at  # noqa: E402
 
 COMFY_MISSING = (f"ComfyUI not found at {comfyui_path()} (set COMFYUI_PATH to a ComfyUI checkout); "
                  "the tests that run nodes and workflows inside ComfyUI are skipped")
@@ -40,7 +40,7 @@ def comfyui(tmp_path_factory):
         if REQUIRE_COMFYUI:
             pytest.fail(f"DCGEN_REQUIRE_COMFYUI=1 but {COMFY_MISSING}")
         pytest.skip(COMFY_MISSING)
-    from dcgen_core.headless import boot
+    from dcgen_core.tools.headless import boot
 
     root = tmp_path_factory.mktemp("comfyui")
     dirs = {k: str(root / "models" / k) for k in MODEL_KINDS}

@@ -35,7 +35,7 @@ The packers below are checked bit-exactly against nunchaku's own packer (tests/f
 .safetensors).
 
 :func:`write_nunchaku_flux` returns the EXACT dense equivalent of what it wrote (weight-only math).
-torch + safetensors + diffusers only (plus dcgen_core.svdquant's constants).
+torch + safetensors + diffusers only (plus dcgen_core.shared.quant.svdquant's constants).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from dcgen_core.svdquant import SHIFT_GELU_INT4
+from dcgen_core.shared.quant.svdquant import SHIFT_GELU_INT4
 
 __all__ = [
     "CASES",

@@ -68,7 +68,7 @@ def test_vae_that_is_not_a_dcae(comfyui, comfy_models, loaded):
 
     _, base, _ = loaded
     kl = comfy.sd.VAE(sd={})  # a core VAE object (defaults: 4-ch latent at 1/8)
-    err = comfyui.core.errors.DCGenError
+    err = comfyui.core.shared.errors.DCGenError
     with pytest.raises(err, match=r"expected a DC-AE VAE .* found"):
         _node(comfyui, "DCGenEmptyLatent").generate(kl, 1024, 1024, 1)
     before = _fingerprint(base)
@@ -97,17 +97,17 @@ def test_embedding_whose_channels_do_not_match(comfyui, loaded, tiny_dcgen):
              "proj_out.weight": torch.randn(128, hidden, generator=g), "proj_out.bias": torch.zeros(128)}
     save_file(wrong, os.path.join(comfyui.dirs["dcgen_embeddings"], "f64c128-embedding.safetensors"))
     before = _fingerprint(base)
-    with pytest.raises(comfyui.core.errors.DCGenError,
+    with pytest.raises(comfyui.core.shared.errors.DCGenError,
                        match=r"f64c128-embedding\.safetensors: expected 32 latent channels .* found 128"):
         _node(comfyui, "DCGenApplyAlignedEmbedding").apply(base, "f64c128-embedding.safetensors", vae=vae)
     _assert_unchanged(base, before)
     flux64 = {"img_in.weight": torch.randn(hidden, 64, generator=g), "final_layer.linear.weight": torch.randn(64, hidden)}
     save_file(flux64, os.path.join(comfyui.dirs["dcgen_embeddings"], "flux-embedder.safetensors"))
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"found 64\. 64 = 16 latent channels x 2x2 patches"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"found 64\. 64 = 16 latent channels x 2x2 patches"):
         _node(comfyui, "DCGenApplyAlignedEmbedding").apply(base, "flux-embedder.safetensors")
     wide = {"x_embedder.weight": torch.randn(3072, 32, generator=g), "proj_out.weight": torch.randn(32, 3072)}
     save_file(wide, os.path.join(comfyui.dirs["dcgen_embeddings"], "for-flux-3072.safetensors"))
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"expected hidden size \d+ .* found 3072"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"expected hidden size \d+ .* found 3072"):
         _node(comfyui, "DCGenApplyAlignedEmbedding").apply(base, "for-flux-3072.safetensors")
     _assert_unchanged(base, before)
 
@@ -120,25 +120,25 @@ def test_lora_for_another_architecture(comfyui, loaded):
             "lora_unet_down_blocks_1_attentions_0_proj_in.alpha": torch.tensor(4.0)}
     save_file(sdxl, os.path.join(comfyui.dirs["loras"], "sdxl-style.safetensors"))
     before = _fingerprint(dcgen)
-    with pytest.raises(comfyui.core.errors.DCGenError,
+    with pytest.raises(comfyui.core.shared.errors.DCGenError,
                        match=r"sdxl-style\.safetensors: expected a LoRA for this FLUX transformer .* found 1 entries"):
         _node(comfyui, "DCGenLoraLoader").apply(dcgen, "sdxl-style.safetensors", 1.0)
     _assert_unchanged(dcgen, before)
     wide = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 3072, generator=g),
             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(3072, 4, generator=g)}
     save_file(wide, os.path.join(comfyui.dirs["loras"], "flux-dev-3072.safetensors"))
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"expected a LoRA delta of \[32, 32\] .* found \[3072, 3072\]"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"expected a LoRA delta of \[32, 32\] .* found \[3072, 3072\]"):
         _node(comfyui, "DCGenLoraLoader").apply(dcgen, "flux-dev-3072.safetensors", 1.0)
     _assert_unchanged(dcgen, before)
 
 
 def test_size_not_a_multiple_of_the_latent_grid(comfyui, loaded):
     vae, _, dcgen = loaded
-    with pytest.raises(comfyui.core.errors.DCGenError,
+    with pytest.raises(comfyui.core.shared.errors.DCGenError,
                        match=r"expected width and height that are multiples of 32 .* found 1000x1024\. Nearest: 992x1024"):
         _node(comfyui, "DCGenEmptyLatent").generate(vae, 1000, 1024, 1)
     before = _fingerprint(dcgen)
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"multiples of 32 .* found 1024x1010"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"multiples of 32 .* found 1024x1010"):
         _node(comfyui, "DCGenTimeShift").patch(dcgen, "model default", 1024, 1010)
     _assert_unchanged(dcgen, before)
 
@@ -150,11 +150,11 @@ def test_truncated_safetensors(comfyui, comfy_models):
     dst = os.path.join(comfyui.dirs["diffusion_models"], "truncated.safetensors")
     with open(dst, "wb") as f:
         f.write(data[: len(data) // 2])
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"truncated\.safetensors.*(truncated|expected)"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"truncated\.safetensors.*(truncated|expected)"):
         _node(comfyui, "DCGenModelLoader").load("truncated.safetensors", "default")
     with open(os.path.join(comfyui.dirs["loras"], "truncated-lora.safetensors"), "wb") as f:
         f.write(data[:100])
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"truncated-lora\.safetensors"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"truncated-lora\.safetensors"):
         _node(comfyui, "DCGenLoraLoader").apply(_node(comfyui, "DCGenModelLoader").load(comfy_models.base, "default")[0],
                                               "truncated-lora.safetensors", 1.0)
 
@@ -162,11 +162,11 @@ def test_truncated_safetensors(comfyui, comfy_models):
 def test_non_flux_model_into_the_patchers(comfyui, comfy_models, loaded):
     sd15 = _sd15_model()
     before = _fingerprint(sd15)
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"expected a FLUX model .* found BaseModel with a UNetModel"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"expected a FLUX model .* found BaseModel with a UNetModel"):
         _node(comfyui, "DCGenApplyAlignedEmbedding").apply(sd15, comfy_models.embedding)
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"expected a FLUX model"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"expected a FLUX model"):
         _node(comfyui, "DCGenLoraLoader").apply(sd15, comfy_models.lora, 1.0)
-    with pytest.raises(comfyui.core.errors.DCGenError, match=r"expected a DC-Gen model"):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError, match=r"expected a DC-Gen model"):
         _node(comfyui, "DCGenTimeShift").patch(sd15, "model default", 1024, 1024)
     _assert_unchanged(sd15, before)
 

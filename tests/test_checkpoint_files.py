@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dcgen_core.checkpoints import load_checkpoint
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.checkpoints import load_checkpoint
+from dcgen_core.shared.errors import DCGenError
 
 
 def _raw_safetensors(path, header, data=b""):

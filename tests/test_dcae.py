@@ -16,15 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dcgen_core.dcae import (
-    DCAE,
-    VARIANTS,
-    DCAEConfig,
-    convert_original_to_diffusers,
-    infer_config,
-    load_dcae,
-)
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.dcae import DCAE, VARIANTS, DCAEConfig, convert_original_to_diffusers, infer_config, load_dcae
+from dcgen_core.shared.errors import DCGenError
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderDC  # noqa: E402

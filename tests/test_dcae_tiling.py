@@ -25,16 +25,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from test_dcae import tiny_config, tiny_diffusers_model  # noqa: E402
 
-from dcgen_core.dcae import (  # noqa: E402
-    DCAE,
-    VARIANTS,
-    decode_tiled,
-    encode_tiled,
-    estimate_decode_bytes,
-    estimate_encode_bytes,
-    should_tile_decode,
-)
-from dcgen_core.dcae.tiling import _tile_starts  # noqa: E402
+from dcgen_core.shared.dcae import (DCAE, VARIANTS, decode_tiled, encode_tiled, estimate_decode_bytes,
+                                    estimate_encode_bytes, should_tile_decode)
+from dcgen_core.shared.dcae.tiling import _tile_starts  # noqa: E402
 
 EXACT_TOL = 1e-3
 SEAM_BOUND = 1.25
@@ -137,7 +130,7 @@ def test_memory_estimates():
 
 def test_auto_tiling_follows_the_free_memory_of_the_device(monkeypatch):
     """On CPU the budget is the available RAM: a 4096^2 SANA decode tiles with 8 GB free, not with 64 GB."""
-    from dcgen_core.dcae import tiling
+    from dcgen_core.shared.dcae import tiling
 
     sana = VARIANTS["dc-ae-f32c32-sana-1.1"]
     cpu = torch.device("cpu")

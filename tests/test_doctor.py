@@ -21,7 +21,7 @@ def _workflow(unet, vae, extra_type=None):
 
 
 def test_found_missing_and_wrong_folder(comfyui, comfy_models, tiny_vae):
-    from dcgen_core import doctor
+    from dcgen_core.tools import doctor
 
     # a DC-AE put into diffusion_models by mistake
     tiny.save_dcae_folder(tiny_vae, os.path.join(comfyui.dirs["diffusion_models"], "dc-ae-misplaced"))

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dcgen_core.errors import DCGenError
-from dcgen_core.extract import extract
-from dcgen_core.flux_keys import diffusers_to_bfl
+from dcgen_core.shared.errors import DCGenError
+from dcgen_core.tools.extract import extract
+from dcgen_core.flux.keys import diffusers_to_bfl
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = re.compile(r"total relative error ([0-9.e+-]+)")
@@ -125,7 +125,7 @@ def test_norms_biases_and_other_linears(comfyui, comfy_models, tiny_dcgen, files
     """A full model that also changed an RMSNorm, biases (a fused q/k/v one, norm_out's swapped one, a plain one)
     and a modulation linear: norms go in as .diff, biases as .diff_b, the linear as LoRA; core LoraLoaderModelOnly
     and Load DC-Gen LoRA patch the base into exactly the full model's weights (v0.3.64 and v0.33 names)."""
-    from dcgen_core.comfy_compat import norm_param_in
+    from dcgen_core.shared.comfy_compat import norm_param_in
 
     g = torch.Generator().manual_seed(5)
     sd = {k: v.clone() for k, v in tiny_dcgen.dcgen.state_dict().items()}

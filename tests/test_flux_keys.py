@@ -10,19 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgen_core.comfy_compat import flux_params_kwargs, norm_param_in
-from dcgen_core.errors import DCGenError
-from dcgen_core.flux_keys import (
-    FluxConfig,
-    diffusers_flux_module_names,
-    diffusers_flux_module_to_bfl,
-    diffusers_to_bfl,
-    flux_config_from_state_dict,
-    is_bfl_flux,
-    is_diffusers_flux,
-    strip_prefix,
-    swap_scale_shift,
-)
+from dcgen_core.flux.comfy_model import flux_params_kwargs
+from dcgen_core.shared.comfy_compat import norm_param_in
+from dcgen_core.shared.errors import DCGenError
+from dcgen_core.flux.keys import (FluxConfig, diffusers_flux_module_names, diffusers_flux_module_to_bfl,
+                                  diffusers_to_bfl, flux_config_from_state_dict, is_bfl_flux, is_diffusers_flux,
+                                  swap_scale_shift)
+from dcgen_core.shared.keys import strip_prefix
 
 diffusers = pytest.importorskip("diffusers")
 

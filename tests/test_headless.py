@@ -30,7 +30,7 @@ def _prompt(models, key, steps):
 
 
 def test_interrupt_stops_between_steps(comfyui, comfy_models):
-    headless = sys.modules["dcgen_core.headless"]
+    headless = sys.modules["dcgen_core.tools.headless"]
     comfyui.test_nodes.EMBEDDINGS["cancel"] = tiny.prompt_embeddings()
     seen = []
 
@@ -54,7 +54,7 @@ def test_interrupt_stops_between_steps(comfyui, comfy_models):
 _CLI = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from dcgen_core import headless
+from dcgen_core.tools import headless
 runtime = headless.boot(cpu=True)
 import comfy_test_nodes, tiny
 runtime.register(comfy_test_nodes.NODE_CLASS_MAPPINGS)
@@ -86,7 +86,7 @@ def test_cli_prints_progress_and_ctrl_c_cancels(comfyui, comfy_models, tmp_path)
 
 
 def test_a_pack_inside_custom_nodes_finds_its_comfyui(tmp_path):
-    from dcgen_core.headless import enclosing_comfyui
+    from dcgen_core.tools.headless import enclosing_comfyui
 
     comfy = tmp_path / "ComfyUI"
     (comfy / "comfy").mkdir(parents=True)

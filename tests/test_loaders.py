@@ -24,7 +24,7 @@ def _weights(model):
 @pytest.fixture(scope="module")
 def layouts(comfyui, tiny_dcgen):
     """The same DC-Gen transformer as a single diffusers-key file, a BFL-key file and a pipeline folder."""
-    from dcgen_core.flux_keys import diffusers_to_bfl
+    from dcgen_core.flux.keys import diffusers_to_bfl
 
     d = comfyui.dirs["diffusion_models"]
     sd = {k: v.contiguous() for k, v in tiny_dcgen.dcgen.state_dict().items()}
@@ -65,7 +65,7 @@ def test_weight_dtype(comfyui, comfy_models, dtype, expected):
 def test_schedule_is_the_official_one(comfyui, comfy_models):
     import comfy.samplers
 
-    from dcgen_core.schedules import official_shift, official_sigmas
+    from dcgen_core.shared.schedules import official_shift, official_sigmas
 
     model = _load(comfyui, comfy_models.dcgen)
     sampling = model.get_model_object("model_sampling")
@@ -109,7 +109,7 @@ def test_load_peak_private_memory(comfyui, big_layouts, name, dtype):
 _REWRITE_SCRIPT = textwrap.dedent("""
     import os, sys, json
     sys.path.insert(0, {repo!r})
-    from dcgen_core.headless import boot
+    from dcgen_core.tools.headless import boot
     boot(cpu=True, model_dirs={{"diffusion_models": [{folder!r}], "vae": [{folder!r}]}})
     import nodes
     model = nodes.NODE_CLASS_MAPPINGS["DCGenModelLoader"]().load({model!r}, "default")[0]

@@ -22,7 +22,7 @@ def _patched_weights(model) -> dict:
 @pytest.fixture(scope="module")
 def expected(tiny_dcgen):
     """Merged DC-Gen weights in ComfyUI names (embedder/head excluded: the base keeps its own)."""
-    from dcgen_core.flux_keys import diffusers_to_bfl
+    from dcgen_core.flux.keys import diffusers_to_bfl
 
     merged = diffusers_to_bfl(dict(tiny_dcgen.dcgen.state_dict()))
     base = diffusers_to_bfl(dict(tiny_dcgen.base.state_dict()))
@@ -47,7 +47,7 @@ def _peft(lora):
 
 def _bfl_fused(lora, cfg):
     """kohya names on ComfyUI modules; q/k/v (and single-block mlp) fused into one LoRA of rank 3r / 4r."""
-    from dcgen_core.flux_keys import diffusers_flux_module_to_bfl
+    from dcgen_core.flux.keys import diffusers_flux_module_to_bfl
 
     groups = {}
     for k in lora:
@@ -88,7 +88,7 @@ LAYOUTS = ["diffusers", "peft", "kohya", "bfl-fused"]
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts_patch_the_merged_weights(comfyui, base_model, tiny_dcgen, expected, layout):
-    from dcgen_core.flux_keys import diffusers_to_bfl, flux_config_from_state_dict
+    from dcgen_core.flux.keys import diffusers_to_bfl, flux_config_from_state_dict
 
     lora = tiny_dcgen.lora
     alpha_meta = {"lora_adapter_metadata": json.dumps({"lora_alpha": tiny.LORA_ALPHA})}
@@ -182,7 +182,7 @@ def test_malformed_lora_files_name_the_file_and_key(comfyui, base_model, tiny_dc
         expect = first
     name = _write(comfyui, f"malformed/{case}.safetensors", lora, metadata=meta)
     before = dict(base_model.patches)
-    with pytest.raises(comfyui.core.errors.DCGenError) as err:
+    with pytest.raises(comfyui.core.shared.errors.DCGenError) as err:
         comfyui.runtime.node_classes["DCGenLoraLoader"]().apply(base_model, name, 1.0)
     assert name.split("/")[-1] in str(err.value) and expect in str(err.value)
     assert base_model.patches == before
@@ -194,7 +194,7 @@ def test_written_loras_read_the_same_in_core_and_pack_loaders(comfyui, base_mode
     lora = {k[len("transformer."):-len(".lora_A.weight")]: (v, tiny_dcgen.lora[k.replace(".lora_A.", ".lora_B.")])
             for k, v in tiny_dcgen.lora.items() if k.endswith(".lora_A.weight")}
     path = os.path.join(comfyui.dirs["loras"], "written-by-pack.safetensors")
-    comfyui.core.lora.save_lora(path, lora, alpha=tiny.LORA_ALPHA)
+    comfyui.core.shared.lora.save_lora(path, lora, alpha=tiny.LORA_ALPHA)
     ours = _patched_weights(comfyui.runtime.node_classes["DCGenLoraLoader"]().apply(
         base_model, "written-by-pack.safetensors", 1.0)[0])
     core = _patched_weights(comfyui.runtime.node_classes["LoraLoaderModelOnly"]().load_lora_model_only(

@@ -85,7 +85,7 @@ def test_multigpu_deep_clone(comfyui, comfy_models):
     import comfy.model_patcher as mp
 
     if not hasattr(mp.ModelPatcher, "deepclone_multigpu"):
-        from dcgen_core.comfy_compat import comfyui_version
+        from dcgen_core.shared.comfy_compat import comfyui_version
 
         assert comfyui_version().startswith("0.3."), "a ComfyUI after v0.3.x without MultiGPU deep clones"
         return  # v0.3.64 has no MultiGPU: nothing to accept

@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 import tiny
 from test_parity_e2e import _ksampler_prompt
 
-from dcgen_core import nvfp4
-from dcgen_core.errors import DCGenError
-from dcgen_core.flux_keys import diffusers_flux_module_to_bfl, flux_config_from_state_dict
-from dcgen_core.quantize import main as quantize_main
-from dcgen_core.quantize import quantize_flux
+from dcgen_core.shared.quant import nvfp4
+from dcgen_core.shared.errors import DCGenError
+from dcgen_core.flux.keys import diffusers_flux_module_to_bfl, flux_config_from_state_dict
+from dcgen_core.tools.quantize import main as quantize_main
+from dcgen_core.flux.quantize import quantize_flux
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED, STEPS, GUIDANCE = 42, 4, 3.5
@@ -65,7 +65,7 @@ def dequantized_diffusers(model, nvfp4_path):
     dequantized, the rest as stored (bf16), all in fp32."""
     import copy
 
-    from dcgen_core.flux_keys import SCALE_SHIFT_SWAPPED_MODULES, swap_scale_shift
+    from dcgen_core.flux.keys import SCALE_SHIFT_SWAPPED_MODULES, swap_scale_shift
 
     deq = dequantized_state_dict(nvfp4_path)
     cfg = flux_config_from_state_dict(deq, json.loads(_read(nvfp4_path)[1]["config"]))
@@ -118,7 +118,7 @@ def test_quantized_file_layout(quantized_tiny):
                                          "time_shift_rule": "dcgen-1k", "source": "dcgen"}
     assert set(json.loads(meta["_quantization_metadata"])["layers"]) == quantized
     # the original weights, for the report and a sanity bound (NVFP4 of Gaussian weights: ~0.1 relative)
-    from dcgen_core.flux import read_flux_checkpoint
+    from dcgen_core.flux.comfy_model import read_flux_checkpoint
 
     original, _, _ = read_flux_checkpoint(folder)
     deq = dequantized_state_dict(path)
@@ -227,7 +227,7 @@ def test_nvfp4_node_equals_dequantized_model(comfyui, comfy_models, nvfp4_models
 
 
 def test_nvfp4_model_holds_4bit_weights(comfyui, nvfp4_models):
-    from dcgen_core.flux_4bit import load_nvfp4_flux
+    from dcgen_core.flux.four_bit import load_nvfp4_flux
 
     m = load_nvfp4_flux(nvfp4_models.path(nvfp4_models.dcgen))
     dm = m.model.diffusion_model
@@ -262,8 +262,8 @@ def _inputs(seed=11, channels=32):
 
 def test_pack_ops_equal_core_ops(comfyui, nvfp4_models):
     """v0.33 loads NVFP4 with core's mixed-precision ops, v0.3.64 with the pack's: the same model either way."""
-    from dcgen_core.flux_4bit import load_nvfp4_flux
-    from dcgen_core.quantized_ops import core_reads_nvfp4
+    from dcgen_core.flux.four_bit import load_nvfp4_flux
+    from dcgen_core.shared.quant.ops import core_reads_nvfp4
 
     path = nvfp4_models.path(nvfp4_models.dcgen)
     pack = load_nvfp4_flux(path, ops="pack")
@@ -271,7 +271,7 @@ def test_pack_ops_equal_core_ops(comfyui, nvfp4_models):
     if not core_reads_nvfp4():
         with pytest.raises(DCGenError, match="core loads NVFP4"):
             load_nvfp4_flux(path, ops="core")
-        pytest.skip(f"ComfyUI {comfyui.pack.dcgen_core.comfy_compat.comfyui_version()} has no core NVFP4 ops; the "
+        pytest.skip(f"ComfyUI {comfyui.pack.dcgen_core.shared.comfy_compat.comfyui_version()} has no core NVFP4 ops; the "
                     "pack's ops were checked by the executor tests")
     core = load_nvfp4_flux(path, ops="core")
     assert "MixedPrecisionOps" in type(core.model.diffusion_model.single_blocks[0].linear1).__qualname__
@@ -282,8 +282,8 @@ def test_pack_ops_equal_core_ops(comfyui, nvfp4_models):
 def test_core_unet_loader_reads_our_file(comfyui, flux_full_width_file, tmp_path):
     """A full-width FLUX quantized by the pack loads in core Load Diffusion Model, on ComfyUI versions whose core
     reads NVFP4, with the same 4-bit weights as in the pack's loader. (Core detects FLUX by its real widths.)"""
-    from dcgen_core.flux_4bit import load_nvfp4_flux
-    from dcgen_core.quantized_ops import core_reads_nvfp4
+    from dcgen_core.flux.four_bit import load_nvfp4_flux
+    from dcgen_core.shared.quant.ops import core_reads_nvfp4
 
     if not core_reads_nvfp4():
         pytest.skip("this ComfyUI's core has no NVFP4 (v0.3.64); the pack's loader is its only reader")
@@ -392,7 +392,7 @@ def _rewrite(src, dst, edit, metadata_edit=None):
 
 
 def _expect_error(path, *fragments):
-    from dcgen_core.flux_4bit import load_4bit_flux
+    from dcgen_core.flux.four_bit import load_4bit_flux
 
     with pytest.raises(DCGenError) as e:
         load_4bit_flux(path)
@@ -442,7 +442,7 @@ def test_bad_nvfp4_files(comfyui, nvfp4_models, tmp_path):
     _expect_error(other, "FLUX transformer")
     # a plain file in the 4-bit loader, a 4-bit file in the bf16 loader
     _expect_error(nvfp4_models.path(nvfp4_models.dcgen_deq), "plain checkpoint", "dcgen_core.quantize")
-    from dcgen_core.flux import load_flux_transformer
+    from dcgen_core.flux.comfy_model import load_flux_transformer
 
     with pytest.raises(DCGenError, match="4-bit NVFP4 file"):
         load_flux_transformer(src)
@@ -456,7 +456,7 @@ def test_bad_nvfp4_files(comfyui, nvfp4_models, tmp_path):
 
 
 def test_missing_comfy_kitchen_is_a_clear_error(monkeypatch):
-    from dcgen_core.errors import MissingDependencyError
+    from dcgen_core.shared.errors import MissingDependencyError
 
     monkeypatch.setitem(sys.modules, "comfy_kitchen", None)
     with pytest.raises(MissingDependencyError, match="pip install comfy-kitchen"):
@@ -473,10 +473,10 @@ def test_native_path_choice():
 
 
 def test_lora_leaves_incoming_nvfp4_model_unchanged(comfyui, comfy_models, nvfp4_models):
-    from dcgen_core.flux import apply_aligned_embedding
-    from dcgen_core.embedding import load_aligned_embedding
-    from dcgen_core.flux_4bit import load_nvfp4_flux
-    from dcgen_core.lora import apply_lora
+    from dcgen_core.flux.dcgen import apply_aligned_embedding
+    from dcgen_core.shared.embedding import load_aligned_embedding
+    from dcgen_core.flux.four_bit import load_nvfp4_flux
+    from dcgen_core.architectures import apply_lora
 
     base = load_nvfp4_flux(nvfp4_models.path(nvfp4_models.base))
     before = {k: (v.dequantize() if nvfp4.is_quantized(v) else v).clone()

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 
 from test_nvfp4 import BLOCK_LINEARS, _bf16_node, _forward, _inputs, _loaded, _nvfp4_node, _rel, _run_latents
 
-from dcgen_core import nvfp4
-from dcgen_core.checkpoints import owned
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.quant import nvfp4
+from dcgen_core.shared.checkpoints import owned
+from dcgen_core.shared.errors import DCGenError
 
 CORE_PREFIX = "model.diffusion_model."
 
@@ -40,7 +40,7 @@ def _kitchen_quantize(w: torch.Tensor, name: str) -> dict:
 def foreign(comfyui, comfy_models):
     """write(name, form, ...) -> (widget name, fp32 reference state dict); ``form``: "metadata" (layers listed
     only in the header) or "per-layer" (``.comfy_quant`` tensors). The reference is written too (ref_name)."""
-    from dcgen_core.flux import read_flux_checkpoint
+    from dcgen_core.flux.comfy_model import read_flux_checkpoint
 
     src, _, ckpt = read_flux_checkpoint(os.path.join(comfyui.dirs["diffusion_models"], comfy_models.dcgen))
     # a bf16 model, as quantizers receive it
@@ -94,7 +94,7 @@ def test_metadata_only_file_samples_like_its_dequantized_weights(comfyui, comfy_
     print(f"metadata-only NVFP4 vs dequantized weights, KSampler latents: relative error {err:.2e}")
     assert err <= 1e-6
     # the same file with core's checkpoint prefix, in its tensors and in the header's layer names
-    from dcgen_core.flux_4bit import load_4bit_flux
+    from dcgen_core.flux.four_bit import load_4bit_flux
 
     prefixed, _ = foreign("core-meta-prefixed-nvfp4.safetensors", "metadata", prefix=CORE_PREFIX)
     a, b = load_4bit_flux(foreign.path(prefixed)), load_4bit_flux(foreign.path(name))
@@ -120,7 +120,7 @@ def test_pre_quant_scale_is_applied(comfyui, comfy_models, foreign):
 
 def test_unimplemented_quantization_fields_are_refused(comfyui, foreign):
     """(b) Fields the pack does not implement are refused by name, not loaded and silently ignored."""
-    from dcgen_core.flux_4bit import load_4bit_flux
+    from dcgen_core.flux.four_bit import load_4bit_flux
 
     layer = "double_blocks.0.img_mlp.0"
     cases = [

@@ -85,7 +85,7 @@ def test_img2img_matches_the_pipeline(comfyui, models_4k):
 
 
 def test_bad_requests(comfyui, models_4k, comfy_models):
-    err = comfyui.core.errors.DCGenError
+    err = comfyui.core.shared.errors.DCGenError
     nodes = comfyui.runtime.node_classes
     _, _, vae15, model4k = models_4k
     cond = [[torch.zeros(1, tiny.TEXT_TOKENS, tiny.TEXT_DIM), {"pooled_output": torch.zeros(1, tiny.POOLED_DIM)}]]
@@ -119,7 +119,7 @@ def test_defaults_are_the_native_size_and_every_widget_counts(comfyui, models_4k
     nodes = comfyui.runtime.node_classes
     spec = nodes["DCGenSampler"].INPUT_TYPES()["required"]
     assert spec["width"][1]["default"] == spec["height"][1]["default"] == 0 and spec["width"][1]["step"] == 32
-    sampling = comfyui.core.sampling
+    sampling = comfyui.core.shared.sampling
     model1k = nodes["DCGenModelLoader"]().load(comfy_models.dcgen, "default")[0]
     assert sampling.resolve_size(model1k.model_options["dcgen"], 0, 0, None) == (1024, 1024)
     assert sampling.resolve_size(models_4k[3].model_options["dcgen"], 0, 0, None) == (4096, 4096)

@@ -12,7 +12,7 @@ import torch
 
 import tiny
 
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.errors import DCGenError
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _snapshot(m):
 
 def test_flux_embedding_on_sana(comfyui, comfy_models, sana_model):
     from dcgen_core.architectures import apply_aligned_embedding
-    from dcgen_core.embedding import load_aligned_embedding
+    from dcgen_core.shared.embedding import load_aligned_embedding
 
     m, _ = sana_model
     before = _snapshot(m)
@@ -44,8 +44,8 @@ def test_flux_embedding_on_sana(comfyui, comfy_models, sana_model):
 
 
 def test_sana_lora_on_flux_and_flux_lora_on_sana(comfyui, comfy_models, sana_model, tmp_path):
-    from dcgen_core.flux import load_flux_transformer
-    from dcgen_core.lora import apply_lora
+    from dcgen_core.flux.comfy_model import load_flux_transformer
+    from dcgen_core.architectures import apply_lora
 
     m, sana = sana_model
     sana_lora, flux_lora = str(tmp_path / "sana-lora.safetensors"), os.path.join(comfyui.dirs["loras"],
@@ -62,7 +62,7 @@ def test_sana_lora_on_flux_and_flux_lora_on_sana(comfyui, comfy_models, sana_mod
 
 
 def _sample(comfyui, model, cond, negative=True):
-    from dcgen_core.sampling import sample
+    from dcgen_core.shared.sampling import sample
 
     positive = [[cond, {}]]
     return sample(model, positive, 64, 64, 1, 4.5, 0, "euler", "simple",

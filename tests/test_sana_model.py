@@ -6,7 +6,7 @@ Needs ComfyUI ($COMFYUI_PATH, default ~/ComfyUI; skipped otherwise) and diffuser
 import pytest
 import torch
 
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.errors import DCGenError
 from dcgen_core.sana import keys
 from dcgen_core.sana.keys import (
     is_diffusers_sana,

@@ -179,7 +179,7 @@ def _original(image_size, scale=None, **overrides):
 
 
 def test_pos_embed_config_and_what_cannot_be_inferred():
-    from dcgen_core.errors import DCGenError
+    from dcgen_core.shared.errors import DCGenError
     from dcgen_core.sana.keys import original_pos_embed_config as read
 
     f = "/models/Sana_2K.safetensors"
@@ -219,7 +219,7 @@ def test_pos_embed_config_and_what_cannot_be_inferred():
 
 def test_loader_names_the_file(comfyui, tmp_path):
     """The loader's error names the file when the resolution cannot be inferred."""
-    from dcgen_core.errors import DCGenError
+    from dcgen_core.shared.errors import DCGenError
     from dcgen_core.sana.comfy_model import load_sana_transformer
 
     path = original_file(str(tmp_path), 2048)

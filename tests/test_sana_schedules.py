@@ -26,8 +26,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dcgen_core.errors import DCGenError
-from dcgen_core.schedules import FLOW_SCHEDULES, dpm_flow_sigmas, flow_match_sigmas, flow_schedule_sigmas
+from dcgen_core.shared.errors import DCGenError
+from dcgen_core.shared.schedules import FLOW_SCHEDULES, dpm_flow_sigmas, flow_match_sigmas, flow_schedule_sigmas
 
 pytest.importorskip("diffusers")
 # torchsde's Brownian tree (built by dpmpp_2m_sde even at eta 0) warns about float rounding of its interval ends;
@@ -280,7 +280,7 @@ def test_official_sampler_img2img_start_is_add_noise(comfyui, sana_sampling):
 
 @pytest.mark.parametrize("shift,steps", [(SHIFT, range(1, 333)), (4.5, range(1, 101)), (7.0, range(1, 101))])
 def test_integer_timesteps_equal_diffusers(shift, steps):
-    from dcgen_core.dpm_flow import diffusers_timesteps
+    from dcgen_core.shared.dpm_flow import diffusers_timesteps
 
     for n in steps:
         assert torch.equal(diffusers_timesteps(dpm_flow_sigmas(n, shift)[:-1]), _sana_dpm(n, shift).timesteps), n
@@ -289,7 +289,7 @@ def test_integer_timesteps_equal_diffusers(shift, steps):
 def test_integer_timestep_wrapper(comfyui):
     """The model runs at floor(1000 sigma) / 1000 and its velocity is used at the true sigma; below timestep 1 the
     model keeps its sigma."""
-    from dcgen_core.dpm_flow import integer_timestep_wrapper
+    from dcgen_core.shared.dpm_flow import integer_timestep_wrapper
 
     seen = []
 
@@ -312,7 +312,7 @@ def test_integer_timestep_wrapper(comfyui):
 def test_official_sampler_errors(comfyui, sana_sampling):
     import comfy.model_base
 
-    error = comfyui.core.errors.DCGenError  # the pack's class, as ComfyUI loaded it
+    error = comfyui.core.shared.errors.DCGenError  # the pack's class, as ComfyUI loaded it
     node = comfyui.runtime.node_classes["DCGenDPMSolverFlowSampler"]
     assert node.INPUT_TYPES()["required"]["solver_type"][0] == ["midpoint", "heun"]
     with pytest.raises(error, match="solver_type"):

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.errors import DCGenError
 from dcgen_core.sana import text_encoder as te
 
 pytest.importorskip("diffusers")

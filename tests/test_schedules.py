@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dcgen_core.schedules import (EXPONENTIAL, LINEAR, TimeShift, official_shift, official_sigmas, retarget_sigmas,
-                                  rule_for_channels)
+from dcgen_core.shared.schedules import (EXPONENTIAL, LINEAR, TimeShift, official_shift, official_sigmas,
+                                         retarget_sigmas, rule_for_channels)
 
 diffusers = pytest.importorskip("diffusers")
 

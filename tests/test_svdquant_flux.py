@@ -23,7 +23,7 @@ import tiny
 from svdquant_pack import write_nunchaku_flux
 from test_parity_e2e import _ksampler_prompt
 
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.errors import DCGenError
 
 SVDQ_FLUX = dict(attention_head_dim=64, num_attention_heads=2, axes_dims_rope=(8, 28, 28))
 SEED, STEPS, GUIDANCE = 42, 4, 3.5
@@ -104,8 +104,8 @@ def test_svdquant_base_plus_embedding_and_lora_matches_diffusers(comfyui, comfy_
 def test_svdquant_folder_is_offered_once_and_loads_through_the_4bit_loader_only(comfyui, svdq):
     """nunchaku's pre-v1 folder: listed once in diffusion_models (not its two halves); Load DC-Gen Diffusion Model
     sends it to the NVFP4 loader, which loads it (no loop of loaders pointing at each other)."""
-    from dcgen_core.flux import load_flux_transformer
-    from dcgen_core.flux_4bit import load_4bit_flux
+    from dcgen_core.flux.comfy_model import load_flux_transformer
+    from dcgen_core.flux.four_bit import load_4bit_flux
 
     nodes = comfyui.pack.NODE_CLASS_MAPPINGS
     offered = nodes["DCGenNVFP4ModelLoader"].INPUT_TYPES()["required"]["unet_name"][0]
@@ -121,8 +121,8 @@ def test_svdquant_folder_is_offered_once_and_loads_through_the_4bit_loader_only(
 def test_svdquant_folder_halves_and_gaps_name_the_fix(comfyui, svdq, tmp_path):
     """Without config.json the folder is not offered but its two files are: either one, in either loader, gives one
     message that names the folder and nunchaku's merge command."""
-    from dcgen_core.flux import load_flux_transformer
-    from dcgen_core.flux_4bit import load_4bit_flux
+    from dcgen_core.flux.comfy_model import load_flux_transformer
+    from dcgen_core.flux.four_bit import load_4bit_flux
 
     src = svdq.path("folder")
     half = tmp_path / "svdq-no-config"
@@ -148,7 +148,7 @@ def test_svdquant_folder_halves_and_gaps_name_the_fix(comfyui, svdq, tmp_path):
 
 
 def test_svdquant_model_holds_nunchakus_packed_tensors(comfyui, svdq):
-    from dcgen_core.flux_svdquant import SVDQuantLinear, load_svdquant_flux
+    from dcgen_core.flux.svdquant import SVDQuantLinear, load_svdquant_flux
 
     m = load_svdquant_flux(svdq.path("int4_r32"), backend="torch")
     dm = m.model.diffusion_model
@@ -175,7 +175,7 @@ def test_svdquant_model_holds_nunchakus_packed_tensors(comfyui, svdq):
 
 
 def test_nunchaku_backend_without_nunchaku_is_a_clear_error(comfyui, svdq):
-    from dcgen_core.flux_4bit import load_4bit_flux
+    from dcgen_core.flux.four_bit import load_4bit_flux
 
     with pytest.raises(DCGenError) as e:
         load_4bit_flux(svdq.path("int4_r32"), svdquant_backend="nunchaku")
@@ -184,9 +184,9 @@ def test_nunchaku_backend_without_nunchaku_is_a_clear_error(comfyui, svdq):
 
 
 def test_svdquant_bad_input(comfyui, svdq, comfy_models, tmp_path):
-    from dcgen_core.flux import load_flux_transformer
-    from dcgen_core.flux_svdquant import load_svdquant_flux
-    from dcgen_core.lora import apply_lora
+    from dcgen_core.flux.comfy_model import load_flux_transformer
+    from dcgen_core.flux.svdquant import load_svdquant_flux
+    from dcgen_core.architectures import apply_lora
 
     with pytest.raises(DCGenError, match="4-bit nunchaku SVDQuant file"):
         load_flux_transformer(svdq.path("int4_r32"))

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dcgen_core import svdquant as S
-from dcgen_core.errors import DCGenError
+from dcgen_core.shared.quant import svdquant as S
+from dcgen_core.shared.errors import DCGenError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "svdquant_packing.safetensors")
 SVDQ_CASES = ["int4_a", "int4_b", "fp4_a", "fp4_b"]
@@ -216,14 +216,14 @@ def test_supports_unknown_kind():
 
 @pytest.fixture
 def no_nunchaku(monkeypatch):
-    real = S.importlib.util.find_spec
+    real = S.kernels.importlib.util.find_spec
 
     def find_spec(name, *a, **k):
         if name == "nunchaku" or name.startswith("nunchaku."):
             return None
         return real(name, *a, **k)
 
-    monkeypatch.setattr(S.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(S.kernels.importlib.util, "find_spec", find_spec)
 
 
 def test_require_nunchaku_not_installed_and_cpu(no_nunchaku):
@@ -261,7 +261,7 @@ def test_require_nunchaku_detects_impostor(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_nunchaku(monkeypatch):
     ops = types.SimpleNamespace(gemm_w4a4=None, quantize_w4a4_act_fuse_lora=None, location="fake")
-    monkeypatch.setattr(S, "_import_nunchaku", lambda: (ops, None))
+    monkeypatch.setattr(S.kernels, "_import_nunchaku", lambda: (ops, None))
     return ops
 
 

@@ -2,7 +2,7 @@
 packing bit-exactly (tests/fixtures/svdquant_packing.safetensors), its converter and merge reproduce what
 deepcompressor's converter and nunchaku's merge_safetensors wrote for the same inputs, tensor for tensor
 (tests/fixtures/svdquant_converter.json), its files meet nunchaku's loader's shape rules, and a written tiny FLUX
-reads back through dcgen_core.svdquant.read_svdquant_file as exactly the dense model the writer returns.
+reads back through dcgen_core.shared.quant.svdquant.read_svdquant_file as exactly the dense model the writer returns.
 Torch + diffusers only."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import svdquant_pack as P
-from dcgen_core import svdquant as S
+from dcgen_core.shared.quant import svdquant as S
 from svdquant_pack import (pack_awq_qweight, pack_awq_scales, pack_lowrank, pack_qweight, pack_vector, pack_wscales,
                            write_nunchaku_flux)
 

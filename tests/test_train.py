@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dcgen_core.errors import DCGenError
-from dcgen_core.schedules import official_shift
-from dcgen_core.train import TrainConfig, align, train_lora
-from dcgen_core.train.__main__ import main as train_main
-from dcgen_core.train.data import LatentCache, write_cache
-from dcgen_core.train.model import Denoiser, install_embedding, load_base_transformer, patchify2x2, unpatchify2x2
-from dcgen_core.train.objectives import denoising_loss, guidance_distilled_loss, noisy_sample, sample_sigmas
+from dcgen_core.shared.errors import DCGenError
+from dcgen_core.shared.schedules import official_shift
+from dcgen_core.tools.train import TrainConfig, align, train_lora
+from dcgen_core.tools.train.__main__ import main as train_main
+from dcgen_core.tools.train.cache import LatentCache, write_cache
+from dcgen_core.tools.train.model import Denoiser, install_embedding, load_base_transformer, patchify2x2, unpatchify2x2
+from dcgen_core.tools.train.objectives import denoising_loss, guidance_distilled_loss, noisy_sample, sample_sigmas
 
 C, HIDDEN = tiny.LATENT_CHANNELS, 32  # TinyDCGen: 2 heads x 16
 
@@ -72,7 +72,8 @@ def test_prepare_matches_reference_encoders(tmp_path, capsys):
     from diffusers import AutoencoderKL
     from PIL import Image
 
-    from dcgen_core.train.data import HashTextEncoder, load_image
+    from dcgen_core.tools.train.encoders import HashTextEncoder
+    from dcgen_core.tools.train.data import load_image
 
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
@@ -169,7 +170,7 @@ def test_alignment_recovers_a_known_linear_embedder(tmp_path, tiny_dcgen):
     out = tmp_path / "aligned"
     assert train_main(["align", cache, base, str(out), "--channels", str(C), "--embed-solver", "lstsq", "--steps",
                        "0", "--no-progress"]) == 0
-    from dcgen_core.embedding import load_aligned_embedding
+    from dcgen_core.shared.embedding import load_aligned_embedding
 
     emb = load_aligned_embedding(str(out / "dcgen-embedding.safetensors"))
     err_lstsq = _rel(torch.cat([emb.img_in_weight.flatten(), emb.img_in_bias]), target)
@@ -355,7 +356,7 @@ def test_trained_files_in_comfyui_equal_the_peft_model(comfyui, files, tiny_dcge
     tiny.link_or_copy(r.lora_path, os.path.join(d["loras"], "train-lora+emb.safetensors"))
     tiny.link_or_copy(r.embedding_path, os.path.join(d["dcgen_embeddings"], "train-embedding.safetensors"))
     # the same LoRA without the embedding
-    from dcgen_core.train.finetune import save_trained_lora
+    from dcgen_core.tools.train.finetune import save_trained_lora
 
     save_trained_lora(os.path.join(d["loras"], "train-lora.safetensors"), r.model, 8.0, torch.float32, False, {})
     assert "transformer.x_embedder.weight" not in load_file(os.path.join(d["loras"], "train-lora.safetensors"))
@@ -391,7 +392,7 @@ def test_trained_files_in_comfyui_equal_the_peft_model(comfyui, files, tiny_dcge
 def test_base_loader_reads_bfl_keys(files, tmp_path, tiny_dcgen):
     """A BFL-keyed base (as flux1-dev.safetensors) loads to the same diffusers weights (fused q/k/v(/mlp) split,
     final adaLN halves swapped back)."""
-    from dcgen_core.flux_keys import diffusers_to_bfl
+    from dcgen_core.flux.keys import diffusers_to_bfl
 
     _, base, _, _ = files
     bfl = {k: v.contiguous() for k, v in diffusers_to_bfl(tiny_dcgen.base.state_dict()).items()}

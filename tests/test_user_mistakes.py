@@ -67,13 +67,13 @@ def test_size_range_holds_on_core_samplers(comfyui, comfy_models, sampler, laten
 def test_empty_dcae_latent_that_cannot_fit_memory_is_refused_before_allocating(comfyui, comfy_models, monkeypatch):
     import sys
 
-    tiling = sys.modules["comfyui_dc_gen.dcgen_core.dcae.tiling"]  # the pack as ComfyUI loaded it
+    tiling = sys.modules["comfyui_dc_gen.dcgen_core.shared.dcae.tiling"]  # the pack as ComfyUI loaded it
     vae = _node(comfyui, "DCGenDCAELoader").load(comfy_models.vae, "auto")[0]
     monkeypatch.setattr(tiling, "available_ram", lambda: 2 * 2**30)
     allocations = []
     real_zeros = torch.zeros
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: allocations.append(a) or real_zeros(*a, **k))
-    with pytest.raises(comfyui.core.errors.DCGenError) as err:
+    with pytest.raises(comfyui.core.shared.errors.DCGenError) as err:
         _node(comfyui, "DCGenEmptyLatent").generate(vae, 4096, 4096, 64)
     assert "64 x 4096x4096" in str(err.value) and "GiB" in str(err.value) and "batch_size" in str(err.value)
     assert not allocations
@@ -129,10 +129,10 @@ def test_128_channel_embedding_on_a_32_channel_dcgen_model_is_refused_when_appli
                                                                                   models_4k):
     dcgen = _node(comfyui, "DCGenModelLoader").load(comfy_models.dcgen, "default")[0]
     before = _fingerprint(dcgen)
-    with pytest.raises(comfyui.core.errors.DCGenError) as err:
+    with pytest.raises(comfyui.core.shared.errors.DCGenError) as err:
         _node(comfyui, "DCGenApplyAlignedEmbedding").apply(dcgen, "dcgen-tiny-4k-embedding.safetensors")
     assert "expected an aligned embedding for 32-channel" in str(err.value) and "found one for 128" in str(err.value)
-    with pytest.raises(comfyui.core.errors.DCGenError):
+    with pytest.raises(comfyui.core.shared.errors.DCGenError):
         _node(comfyui, "DCGenLoraLoader").apply(dcgen, comfy_models.lora_with_embedding.replace(
             "dcgen-flux-tiny", "dcgen-flux-tiny"), 1.0, models_4k[2])
     _assert_unchanged(dcgen, before)
@@ -159,7 +159,7 @@ def test_text_encoder_of_another_width_names_the_expected_one(comfyui, comfy_mod
 
 def test_wrong_latent_into_core_vae_decode_names_the_channels(comfyui, comfy_models):
     vae = _node(comfyui, "DCGenDCAELoader").load(comfy_models.vae, "auto")[0]
-    with pytest.raises(comfyui.core.errors.DCGenError) as err:
+    with pytest.raises(comfyui.core.shared.errors.DCGenError) as err:
         comfyui.runtime.node_classes["VAEDecode"]().decode(vae, {"samples": torch.zeros(1, 16, 8, 8)})
     assert "expected a DC-AE latent with 32 channels, found 16 channels" in str(err.value)
 
@@ -169,6 +169,6 @@ def test_pixel_space_vae_message_does_not_guess_flux(comfyui):
 
     px = comfy.sd.VAE(sd={})
     px.latent_channels, px.downscale_ratio = 3, 1
-    with pytest.raises(comfyui.core.errors.DCGenError) as err:
-        comfyui.core.comfy_vae.require_dcae(px)
+    with pytest.raises(comfyui.core.shared.errors.DCGenError) as err:
+        comfyui.core.shared.comfy_vae.require_dcae(px)
     assert "pixel-space VAE" in str(err.value) and "FLUX" not in str(err.value)

@@ -117,8 +117,8 @@ def test_mode_auto_is_untiled_when_it_fits(comfyui, vae15, latent, progress):
 def test_mode_auto_tiles_when_the_untiled_pass_would_not_fit(comfyui, vae15, latent, progress, monkeypatch):
     """Where the estimate says the untiled pass does not fit, auto tiles; tile_size 0 picks the tile
     (32 latent pixels where the free memory is unknown) and limits the overlap to a quarter of it."""
-    comfy_vae = comfyui.core.comfy_vae
-    monkeypatch.setattr(comfyui.core.dcae.tiling, "_usable_bytes", lambda device: None)
+    comfy_vae = comfyui.core.shared.comfy_vae
+    monkeypatch.setattr(comfyui.core.shared.dcae.tiling, "_usable_bytes", lambda device: None)
     monkeypatch.setattr(comfy_vae, "should_tile_decode", lambda *a: True)
     monkeypatch.setattr(comfy_vae, "should_tile_encode", lambda *a: True)
     one = {"samples": latent["samples"][:1]}
@@ -135,7 +135,7 @@ def test_vae_that_is_not_a_dcae(comfyui, latent):
     import comfy.sd
 
     kl = comfy.sd.VAE(sd={})  # a core VAE object (defaults: 4-ch latent at 1/8), e.g. the FLUX/SD VAE
-    err = comfyui.core.errors.DCGenError
+    err = comfyui.core.shared.errors.DCGenError
     with pytest.raises(err, match=r"DC-AE Decode \(Tiled\): vae: expected a DC-AE VAE .* found .* 4 latent channels"):
         _decode(comfyui, kl, latent, "auto")
     with pytest.raises(err, match=r"DC-AE Encode \(Tiled\): vae: expected a DC-AE VAE"):
@@ -143,7 +143,7 @@ def test_vae_that_is_not_a_dcae(comfyui, latent):
 
 
 def test_bad_tile_size_and_overlap(comfyui, vae15, latent):
-    err = comfyui.core.errors.DCGenError
+    err = comfyui.core.shared.errors.DCGenError
     with pytest.raises(err, match=r"f=64\): expected tile_size 0 \(automatic\) or a multiple of 64 .* found 1000\. "
                                   r"Nearest: 1024"):
         _decode(comfyui, vae15, latent, "always", tile=1000, overlap=0)
@@ -160,7 +160,7 @@ def test_bad_tile_size_and_overlap(comfyui, vae15, latent):
 
 
 def test_encode_size_not_on_the_latent_grid(comfyui, vae15):
-    with pytest.raises(comfyui.core.errors.DCGenError,
+    with pytest.raises(comfyui.core.shared.errors.DCGenError,
                        match=r"image size: expected width and height that are multiples of 64 .* found 320x200\. "
                              r"Nearest: 320x192\. Crop or scale"):
         _encode(comfyui, vae15, _smooth_image(200, 320), "auto")

@@ -35,7 +35,7 @@ def _load(path):
 @pytest.mark.parametrize("path", ALL, ids=os.path.basename)
 def test_workflow_is_valid_for_the_editor(comfyui, path):
     """Node types exist, links connect matching types, widget values fit the node definitions."""
-    from dcgen_core.headless import workflow_to_prompt
+    from dcgen_core.tools.workflows import workflow_to_prompt
 
     wf = _load(path)
     classes = comfyui.runtime.node_classes
@@ -110,7 +110,7 @@ def _text_encoders(comfyui, wf, dims):
 
 def _run(comfyui, wf, overrides):
     """Execute the workflow; ``overrides`` set inputs of every node of a class: {(class_type, input_name): value}."""
-    from dcgen_core.headless import workflow_to_prompt
+    from dcgen_core.tools.workflows import workflow_to_prompt
 
     tiny_encoders = {"DualCLIPLoader": comfyui.test_nodes.TinyDualCLIPLoader,
                      "DCGenSanaTextEncoderLoader": comfyui.test_nodes.tiny_sana_text_encoder_loader()}
@@ -192,7 +192,7 @@ def test_4k_workflow_runs_headless(comfyui, dcgen_4k):
 def test_4k_nvfp4_workflow_runs_headless(comfyui, dcgen_4k, tmp_path):
     """4K in 4-bit: the Res4K transformer quantized by `python -m dcgen_core.quantize` into the file the workflow
     names, loaded by Load DC-Gen Diffusion Model (NVFP4), sampled and decoded by the DC-Gen Sampler (4K)."""
-    from dcgen_core.quantize import quantize_flux
+    from dcgen_core.flux.quantize import quantize_flux
 
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-4k-nvfp4.json"))
     dcgen, vae = dcgen_4k

@@ -16,7 +16,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from dcgen_core.smoke import fast_random_weights  # noqa: F401  (shared with the smoke run)
+from dcgen_core.tools.smoke import fast_random_weights  # noqa: F401  (shared with the smoke run)
 
 LATENT_CHANNELS = 32
 SCALING = 0.41407
@@ -44,7 +44,7 @@ DCAE_CONFIG = dict(
 
 def dcae15_config() -> dict:
     """A DC-AE-1.5 f64c128 (7 stages, conv-only) at tiny widths, flags from the variant table."""
-    from dcgen_core.dcae import VARIANTS
+    from dcgen_core.shared.dcae import VARIANTS
 
     cfg = VARIANTS["dc-ae-1.5-f64c128"].to_diffusers_dict()
     widths = [8, 16, 32, 32, 64, 64, 64]
@@ -264,7 +264,7 @@ def full_width_flux_bfl(seed: int = 0) -> dict:
     BFL keys (as flux1-dev.safetensors) and bf16: what the core Load Diffusion Model detects as FLUX."""
     from diffusers import FluxTransformer2DModel
 
-    from dcgen_core.flux_keys import diffusers_to_bfl
+    from dcgen_core.flux.keys import diffusers_to_bfl
 
     shapes = _meta_shapes(lambda: FluxTransformer2DModel(**FULL_FLUX, out_channels=64, num_layers=1,
                                                          num_single_layers=1))

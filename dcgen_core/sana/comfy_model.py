@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoints import check_tensors_match, load_checkpoint, owned
-from ..comfy_compat import archive_weight_dtypes, make_model_patcher
-from ..errors import DCGenError
-from ..latent_space import (SPATIAL_COMPRESSION, check_context_width, check_latent_channels, check_size_for_model,
-                            install_empty_latent_hook, install_preview_hook, load_with_cached_init, make_latent_format,
-                            resolve_scaling, set_inference_dtypes)
+from ..shared.checkpoints import check_tensors_match, load_checkpoint, owned
+from ..shared.comfy_compat import archive_weight_dtypes, make_model_patcher
+from ..shared.errors import DCGenError
+from ..shared.latent_space import (SPATIAL_COMPRESSION, check_context_width, check_latent_channels,
+                                   check_size_for_model, install_empty_latent_hook, install_preview_hook,
+                                   load_with_cached_init, make_latent_format, resolve_scaling, set_inference_dtypes)
 from .keys import (is_diffusers_sana, is_original_sana, original_pos_embed_config, original_to_diffusers,
                    sana_config_from_state_dict, unwrap)
 from .model import SanaConfig, SanaTransformer
@@ -98,6 +98,7 @@ def sana_info(channels: int, scaling: float, shift: float = SANA_FLOW_SHIFT) -> 
     """The DC-AE facts a SANA MODEL carries (read by the pack's latent hooks, size checks and sampler)."""
     return {"architecture": "sana", "latent_channels": channels, "spatial_compression": SPATIAL_COMPRESSION[channels],
             "scaling_factor": scaling, "rule": "sana-flow", "shift": f"flow shift {shift}", "fixed_resolution": None,
+            "guidance": "cfg",  # classifier-free: the DC-Gen Sampler's guidance is the cfg scale
             "max_side": SANA_MAX_SIDE, "name": "SANA" if channels == 32 else f"DC-Gen-SANA ({channels}-channel DC-AE)"}
 
 

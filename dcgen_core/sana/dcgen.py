@@ -6,9 +6,9 @@ model carries follow (latent format, sizes). The DC-Gen LoRA is applied by the s
 
 from __future__ import annotations
 
-from ..errors import DCGenError
-from ..embedding import AlignedEmbedding, check_embedding_for_model
-from ..latent_space import dcgen_info, linear_like, make_latent_format, resolve_scaling
+from ..shared.errors import DCGenError
+from ..shared.embedding import AlignedEmbedding, check_embedding_for_model
+from ..shared.latent_space import dcgen_info, linear_like, make_latent_format, resolve_scaling
 from .comfy_model import require_sana, sana_info
 
 

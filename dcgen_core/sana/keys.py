@@ -28,7 +28,7 @@ import re
 
 import torch
 
-from ..errors import DCGenError, mismatch
+from ..shared.errors import DCGenError, mismatch
 from .model import SanaConfig, SanaTransformer, sincos_pos_embed
 
 WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "module.",

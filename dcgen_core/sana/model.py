@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DCGenError, mismatch
+from ..shared.errors import DCGenError, mismatch
 
 _COMFY: dict = {}
 

@@ -42,7 +42,7 @@ import types
 
 import torch
 
-from ..errors import DCGenError
+from ..shared.errors import DCGenError
 
 SANA_TEXT_WIDTH = 2304
 SANA_MAX_SEQUENCE_LENGTH = 300

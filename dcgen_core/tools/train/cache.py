@@ -1,0 +1,172 @@
+"""The latent cache: safetensors shards of stacked tensors + ``index.json`` (CacheWriter / LatentCache), or the same
+in memory (MemoryCache); the empty caption's embeddings in ``null_text.safetensors``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ...shared.errors import DCGenError
+
+
+INDEX = "index.json"
+NULL_TEXT = "null_text.safetensors"
+FORMAT = "dcgen-train-cache"
+VERSION = 1
+
+
+class CacheWriter:
+    """Writes items to shards of ``shard_size`` (stacked tensors per shard) and the index at ``close``."""
+
+    def __init__(self, out_dir: str, meta: dict, shard_size: int = 256, text_dtype: torch.dtype = torch.bfloat16):
+        self.out, self.meta, self.shard_size, self.text_dtype = out_dir, meta, max(1, shard_size), text_dtype
+        os.makedirs(out_dir, exist_ok=True)
+        self.items, self.shards, self.pending = [], [], []
+        self.shapes = {}
+
+    def add(self, name: str, caption: str, tensors: dict):
+        for k, v in tensors.items():
+            if v is None:
+                continue
+            shape = tuple(v.shape)
+            if self.shapes.setdefault(k, shape) != shape:
+                raise DCGenError(f"cache item '{name}': expected '{k}' of shape {list(self.shapes[k])} like the items "
+                                 f"before it (one resolution and text length per cache), found {list(shape)}.")
+        self.pending.append((name, caption, tensors))
+        if len(self.pending) >= self.shard_size:
+            self._flush()
+
+    def _flush(self):
+        if not self.pending:
+            return
+        file = f"shard-{len(self.shards):05d}.safetensors"
+        keys = [k for k, v in self.pending[0][2].items() if v is not None]
+        out = {}
+        for k in keys:
+            stacked = torch.stack([t[k] for _, _, t in self.pending])
+            out[k] = (stacked.to(self.text_dtype) if k in ("context", "pooled") else stacked.float()).contiguous()
+        save_file(out, os.path.join(self.out, file), metadata={"format": FORMAT})
+        for row, (name, caption, _) in enumerate(self.pending):
+            self.items.append({"name": name, "caption": caption, "shard": len(self.shards), "row": row})
+        self.shards.append({"file": file, "count": len(self.pending)})
+        self.pending = []
+
+    def close(self, null_text: tuple[torch.Tensor, torch.Tensor] | None) -> str:
+        self._flush()
+        if null_text is not None:
+            save_file({"context": null_text[0].to(self.text_dtype).contiguous(),
+                       "pooled": null_text[1].to(self.text_dtype).contiguous()}, os.path.join(self.out, NULL_TEXT))
+        index = {"format": FORMAT, "version": VERSION, "count": len(self.items), **self.meta,
+                 "shapes": {k: list(v) for k, v in self.shapes.items()},
+                 "null_text": NULL_TEXT if null_text is not None else None,
+                 "shards": self.shards, "items": self.items}
+        path = os.path.join(self.out, INDEX)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return path
+
+
+def write_cache(out_dir: str, items, meta: dict, null_text=None, shard_size: int = 256,
+                text_dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write a cache from ``items``: (name, caption, {"base_latents": [16, H/8, W/8] or None, "dcae_latents":
+    [C, H/f, W/f], "context": [T, D], "pooled": [P]}). ``meta`` goes into the index (see :func:`prepare`)."""
+    writer = CacheWriter(out_dir, meta, shard_size, text_dtype)
+    for name, caption, tensors in items:
+        writer.add(name, caption, tensors)
+    return writer.close(null_text)
+
+
+class LatentCache:
+    """Reads a cache written by :func:`prepare` / :func:`write_cache`; items are read per batch from the
+    memory-mapped shards."""
+
+    def __init__(self, folder: str):
+        path = os.path.join(folder, INDEX) if os.path.isdir(folder) else folder
+        self.folder = os.path.dirname(os.path.abspath(path))
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.index = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise DCGenError(f"{folder}: expected a training cache (made by `python -m dcgen_core.train prepare`) "
+                             f"with {INDEX}, could not read it ({e}).") from e
+        if self.index.get("format") != FORMAT:
+            raise DCGenError(f"{path}: expected a {FORMAT} index, found format {self.index.get('format')!r}.")
+        for shard in self.index["shards"]:
+            if not os.path.isfile(os.path.join(self.folder, shard["file"])):
+                raise DCGenError(f"{path}: expected the shard {shard['file']} beside it, found none.")
+        self._handles = {}
+
+    def __len__(self) -> int:
+        return int(self.index["count"])
+
+    @property
+    def dcae_channels(self) -> int:
+        return int(self.index["shapes"]["dcae_latents"][0])
+
+    @property
+    def has_base_latents(self) -> bool:
+        return "base_latents" in self.index["shapes"]
+
+    def _handle(self, shard: int):
+        if shard not in self._handles:
+            file = os.path.join(self.folder, self.index["shards"][shard]["file"])
+            self._handles[shard] = safe_open(file, framework="pt")
+        return self._handles[shard]
+
+    def batch(self, indices, device="cpu", keys=("base_latents", "dcae_latents", "context", "pooled")) -> dict:
+        out = {k: [] for k in keys}
+        for i in indices:
+            item = self.index["items"][i]
+            h = self._handle(item["shard"])
+            for k in keys:
+                if k not in self.index["shapes"]:
+                    raise DCGenError(f"{self.folder}: expected '{k}' in the cache, found none (prepared without "
+                                     f"{'--base-vae' if k == 'base_latents' else 'it'}).")
+                out[k].append(h.get_slice(k)[item["row"]:item["row"] + 1])
+        return {k: torch.cat(v).float().to(device) for k, v in out.items()}
+
+    def null_text(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.index.get("null_text"):
+            raise DCGenError(f"{self.folder}: expected the empty caption's embeddings ({NULL_TEXT}) for the "
+                             "guidance-distilled objective, found none.")
+        with safe_open(os.path.join(self.folder, self.index["null_text"]), framework="pt") as f:
+            ctx, pooled = f.get_tensor("context"), f.get_tensor("pooled")
+        return ctx.float().unsqueeze(0).to(device), pooled.float().unsqueeze(0).to(device)
+
+
+class MemoryCache:
+    """A cache held in memory ({key: stacked tensor}); same interface as :class:`LatentCache` (GPU sizing, tests)."""
+
+    def __init__(self, tensors: dict, null_text: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.tensors = tensors
+        self._null = null_text
+        self.index = {"shapes": {k: list(v.shape[1:]) for k, v in tensors.items()}}
+
+    def __len__(self):
+        return int(next(iter(self.tensors.values())).shape[0])
+
+    @property
+    def dcae_channels(self) -> int:
+        return int(self.tensors["dcae_latents"].shape[1])
+
+    @property
+    def has_base_latents(self) -> bool:
+        return "base_latents" in self.tensors
+
+    def batch(self, indices, device="cpu", keys=("base_latents", "dcae_latents", "context", "pooled")) -> dict:
+        idx = torch.tensor(list(indices))
+        return {k: self.tensors[k][idx].float().to(device) for k in keys}
+
+    def null_text(self, device="cpu"):
+        if self._null is None:
+            raise DCGenError("in-memory cache: expected the empty caption's embeddings, found none.")
+        return self._null[0].float().unsqueeze(0).to(device), self._null[1].float().unsqueeze(0).to(device)
+
+
+def open_cache(cache):
+    return cache if hasattr(cache, "batch") else LatentCache(cache)

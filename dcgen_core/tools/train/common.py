@@ -1,0 +1,301 @@
+"""Training plumbing shared by the stages: options, device/precision, progress bars, the LR schedule, the batch
+sampler and the step loop (optimizer, clipping, EMA, checkpoints, resume)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ...shared.errors import DCGenError
+
+log = logging.getLogger("dcgen.train")
+
+OBJECTIVES = ("auto", "flow", "guidance-distilled")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Options common to every training stage (CLI: the flags of the same names)."""
+
+    steps: int = 1000
+    lr: float = 1e-4
+    batch_size: int = 1
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: none before the end
+    keep_checkpoints: int = 3  # 0: keep all
+    resume: str | None = None  # None, "latest" or a checkpoint folder
+    device: str = "auto"  # auto: cuda when available
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: str = "auto"  # auto: on with CUDA
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    ema_decay: float = 0.0  # the recipe merges an EMA of 0.999; 0 = off (the live weights are saved)
+    objective: str = "auto"  # auto: guidance-distilled when the base has a guidance embedding
+    guidance: float = 1.0  # guidance value for plain flow matching on a guidance-embedding base
+    guidance_min: float = 1.0
+    guidance_max: float = 14.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    overfit: bool = False  # the same batch, noise and timesteps every step (a sanity check)
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self):
+        if self.steps < 0:
+            raise DCGenError(f"--steps: expected 0 or more, found {self.steps}.")
+        if self.batch_size < 1:
+            raise DCGenError(f"--batch-size: expected 1 or more, found {self.batch_size}.")
+        if self.lr <= 0:
+            raise DCGenError(f"--lr: expected a positive learning rate, found {self.lr}.")
+        if self.objective not in OBJECTIVES:
+            raise DCGenError(f"--objective: expected one of {', '.join(OBJECTIVES)}, found {self.objective!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DCGenError(f"--lr-schedule: expected one of {', '.join(LR_SCHEDULES)}, found {self.lr_schedule!r}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise DCGenError(f"--ema-decay: expected a value in [0, 1), found {self.ema_decay}.")
+        if not 0 < self.guidance_min <= self.guidance_max:
+            raise DCGenError(f"--guidance-range: expected 0 < min <= max, found {self.guidance_min}, "
+                             f"{self.guidance_max}.")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise DCGenError(f"--precision: expected auto, fp32 or bf16, found {self.precision!r}.")
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            raise DCGenError(f"--gradient-checkpointing: expected auto, on or off, found "
+                             f"{self.gradient_checkpointing!r}.")
+
+
+@dataclass
+class Runtime:
+    """Where and how the model runs: frozen weights in ``dtype``, trainable ones always fp32; with bf16 the forward
+    runs under autocast (CUDA; CPU for dry runs)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    gradient_checkpointing: bool
+
+    @property
+    def autocast(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    def autocast_context(self):
+        if self.autocast:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def describe(self) -> str:
+        return (f"{self.device} {'bf16 autocast' if self.autocast else 'fp32'}"
+                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DCGenError(f"--device {name}: expected a CUDA device, found none (torch {torch.__version__}).")
+    return device
+
+
+def resolve_runtime(cfg: TrainConfig) -> Runtime:
+    device = resolve_device(cfg.device)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        log.warning("--precision bf16 on %s: runs under CPU autocast (slow; meant for dry runs of the GPU setup).",
+                    device)
+    ckpt = cfg.gradient_checkpointing
+    ckpt = (device.type == "cuda") if ckpt == "auto" else ckpt == "on"
+    return Runtime(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                   gradient_checkpointing=ckpt)
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "step"):
+    """A tqdm bar on stderr (a silent stand-in when disabled or tqdm is missing)."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, initial=initial, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        except ImportError:  # pragma: no cover - tqdm comes with diffusers/transformers
+            pass
+
+    class _Silent:
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    return _Silent()
+
+
+def lr_at(step: int, total: int, base_lr: float, schedule: str, warmup: int) -> float:
+    """The learning rate of (0-based) ``step``: linear warmup, then constant or cosine to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "cosine" and total > warmup:
+        progress = (step - warmup) / max(1, total - warmup)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return base_lr
+
+
+class BatchSampler:
+    """Batch indices and the random draws of each step, from one seeded CPU generator.
+
+    Epochs are seeded permutations of the cache; a batch larger than what is left of an epoch continues into the
+    next. ``overfit``: the first batch and the same generator state every step (same noise, timesteps, guidance).
+    The state (generator, permutation, position) goes into checkpoints, so a resumed run continues identically.
+    """
+
+    def __init__(self, count: int, batch_size: int, seed: int, overfit: bool = False):
+        if count < 1:
+            raise DCGenError("training cache: expected at least one item, found none.")
+        self.count, self.batch_size, self.overfit = count, batch_size, overfit
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.perm = torch.randperm(count, generator=self.generator)
+        self.pos = 0
+        self._fixed = None
+        if overfit:
+            self._fixed = ([int(i) for i in (torch.arange(batch_size) % count)], self.generator.get_state())
+
+    def next(self) -> tuple[list[int], torch.Generator]:
+        if self._fixed is not None:
+            indices, state = self._fixed
+            self.generator.set_state(state)
+            return list(indices), self.generator
+        out = []
+        while len(out) < self.batch_size:
+            if self.pos >= self.count:
+                self.epoch += 1
+                self.perm = torch.randperm(self.count, generator=self.generator)
+                self.pos = 0
+            take = min(self.batch_size - len(out), self.count - self.pos)
+            out.extend(int(i) for i in self.perm[self.pos:self.pos + take])
+            self.pos += take
+        return out, self.generator
+
+    def state(self) -> tuple[dict, dict]:
+        return ({"sampler.rng": self.generator.get_state(), "sampler.perm": self.perm.clone()},
+                {"epoch": self.epoch, "pos": self.pos, "count": self.count, "batch_size": self.batch_size})
+
+    def load_state(self, tensors: dict, info: dict, source: str):
+        if info.get("count") != self.count or info.get("batch_size") != self.batch_size:
+            raise DCGenError(f"{source}: expected a checkpoint of a run over {self.count} cached items with batch "
+                             f"size {self.batch_size}, found {info.get('count')} items, batch size "
+                             f"{info.get('batch_size')}. Resume with the same cache and --batch-size.")
+        self.generator.set_state(tensors["sampler.rng"])
+        self.perm = tensors["sampler.perm"].clone()
+        self.epoch, self.pos = int(info["epoch"]), int(info["pos"])
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]):
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, params: dict[str, torch.nn.Parameter]):
+        for k, p in params.items():
+            p.copy_(self.shadow[k].to(p.dtype))
+
+
+@dataclass
+class Stage:
+    """One optimisation stage: ``params`` (name -> parameter) trained for steps [start, end) of the run with
+    ``loss_fn(indices, generator) -> loss``."""
+
+    name: str
+    params: dict
+    loss_fn: object
+    start: int
+    end: int
+    lr: float
+    seed: int
+    losses: list = field(default_factory=list)
+
+
+def make_optimizer(params: dict, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # foreach=False: the same kernels (and so the same rounding) whatever the parameter count
+    return torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=weight_decay, foreach=False)
+
+
+def run_stage(stage: Stage, cfg: TrainConfig, count: int, checkpoints=None, resume=None, on_step=None,
+              saved_params: dict | None = None, extra_state: dict | None = None):
+    """Train ``stage``; returns its EMA (or None). ``checkpoints``: a :class:`~.state.CheckpointManager` (None: no
+    checkpoint files). ``resume``: a loaded checkpoint of this stage. ``saved_params``: every tensor a checkpoint
+    keeps (defaults to the stage's parameters). ``on_step(step, loss, seconds)`` is called after each step."""
+    params = stage.params
+    saved_params = saved_params if saved_params is not None else params
+    optimizer = make_optimizer(params, stage.lr, cfg.weight_decay)
+    sampler = BatchSampler(count, cfg.batch_size, stage.seed, overfit=cfg.overfit)
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step = stage.start
+    if resume is not None:
+        resume.load_params(saved_params)
+        step = resume.restore(optimizer, sampler, ema, params)
+    total = stage.end - stage.start
+    bar = progress_bar(total, stage.name, cfg.progress, initial=step - stage.start)
+    ran = False
+    try:
+        while step < stage.end:
+            lr = lr_at(step - stage.start, total, stage.lr, cfg.lr_schedule, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            indices, generator = sampler.next()
+            loss = stage.loss_fn(indices, generator)
+            if not torch.isfinite(loss):
+                raise DCGenError(f"{stage.name} step {step}: the loss is {loss.item()} (diverged). Lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm, foreach=False)
+            optimizer.step()
+            if ema is not None:
+                ema.update(params)
+            value = float(loss.detach())
+            stage.losses.append(value)
+            step += 1
+            ran = True
+            if on_step is not None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                on_step(step, value, time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2g}")
+            if checkpoints is not None and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 \
+                    and step < stage.end:
+                checkpoints.save(step, stage.name, saved_params, list(params), optimizer, sampler, ema,
+                                 extra_state or {})
+    finally:
+        bar.close()
+    # the end of a stage is always kept when checkpointing (live weights and EMA): a resumed run goes on with the
+    # next stage, or with more steps of this one exactly as an uninterrupted run would
+    if checkpoints is not None and cfg.checkpoint_every > 0 and ran:
+        checkpoints.save(step, stage.name, saved_params, list(params), optimizer, sampler, ema, extra_state or {})
+    if ema is not None:  # the stage's result is the EMA (the recipe merges an EMA of the LoRA)
+        ema.copy_to(params)
+    return ema
