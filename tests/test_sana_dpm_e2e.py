@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import tiny
+from test_sana_e2e import _prompt
 from test_sana_schedules import SANA_DPM_CONFIG
 
 pytest.importorskip("diffusers")
@@ -79,35 +80,13 @@ def sana_pipeline(transformer, vae, width, height):
     return image.permute(0, 2, 3, 1)
 
 
-def _prompt(key, width, height, sampler, vae_name):
-    return {
-        "vae": {"class_type": "DCGenDCAELoader", "inputs": {"vae_name": vae_name, "variant": "auto"}},
-        "model": {"class_type": "DCGenSanaModelLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default",
-                                                                  "vae": ["vae", 0]}},
-        "pos": {"class_type": "TestMaskedEmbeds", "inputs": {"key": key + "+"}},
-        "neg": {"class_type": "TestMaskedEmbeds", "inputs": {"key": key + "-"}},
-        "latent": {"class_type": "DCGenEmptyLatent", "inputs": {"vae": ["vae", 0], "width": width, "height": height,
-                                                                "batch_size": 1}},
-        "guider": {"class_type": "CFGGuider", "inputs": {"model": ["model", 0], "positive": ["pos", 0],
-                                                         "negative": ["neg", 0], "cfg": CFG}},
-        "sampler": sampler,
-        "sigmas": {"class_type": "DCGenFlowSigmas", "inputs": {"steps": STEPS, "shift": 3.0,
-                                                               "schedule": "dpm-solver++ flow (diffusers)"}},
-        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
-        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
-            "latent_image": ["latent", 0]}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
-        "capture": {"class_type": "TestCapture", "inputs": {"key": key, "image": ["decode", 0]}},
-    }
-
-
 def ours(comfyui, vae_name, width, height, sampler):
     key = f"sana-dpm-{sampler['class_type']}-{width}x{height}"
     comfyui.test_nodes.EMBEDDINGS[key + "+"] = POSITIVE
     comfyui.test_nodes.EMBEDDINGS[key + "-"] = NEGATIVE
     comfyui.runtime.executor.reset()
-    comfyui.runtime.run(_prompt(key, width, height, sampler, vae_name))
+    comfyui.runtime.run(_prompt(key, width, height, vae_name, MODEL_NAME, sampler, "dpm-solver++ flow (diffusers)",
+                                STEPS))
     return comfyui.test_nodes.CAPTURED[key]["image"]
 
 

@@ -55,7 +55,12 @@ def reference(model, vae, width, height, pos, neg):
     return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
 
-def _prompt(key, width, height, vae_name, model_name):
+EULER = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+
+
+def _prompt(key, width, height, vae_name, model_name, sampler=EULER, schedule="flow-match euler (diffusers)",
+            steps=STEPS):
+    """SANA through SamplerCustomAdvanced with CFGGuider and DC-Gen Flow Sigmas: ``sampler`` is the SAMPLER node."""
     return {
         "vae": {"class_type": "DCGenDCAELoader", "inputs": {"vae_name": vae_name, "variant": "auto"}},
         "model": {"class_type": "DCGenSanaModelLoader", "inputs": {"unet_name": model_name, "weight_dtype": "default",
@@ -66,12 +71,12 @@ def _prompt(key, width, height, vae_name, model_name):
                                                                 "batch_size": 1}},
         "guider": {"class_type": "CFGGuider", "inputs": {"model": ["model", 0], "positive": ["pos", 0],
                                                          "negative": ["neg", 0], "cfg": CFG}},
-        "select": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "sigmas": {"class_type": "DCGenFlowSigmas", "inputs": {"steps": STEPS, "shift": 3.0,
-                                                               "schedule": "flow-match euler (diffusers)"}},
+        "sampler": sampler,
+        "sigmas": {"class_type": "DCGenFlowSigmas", "inputs": {"steps": steps, "shift": 3.0,
+                                                               "schedule": schedule}},
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
         "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["select", 0], "sigmas": ["sigmas", 0],
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
             "latent_image": ["latent", 0]}},
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["vae", 0]}},
         "capture": {"class_type": "TestCapture", "inputs": {"key": key, "image": ["decode", 0],
