@@ -3,6 +3,8 @@
     python scripts/train_gpu_sizing.py [--depth 2 --single-depth 4] [--resolution 1024] [--channels 32]
                                        [--batch-size 1] [--steps 3] [--rank 256] [--stages prepare,embed,head,...]
     python scripts/train_gpu_sizing.py --tiny      # dry run on CPU with tiny widths (checks the script itself)
+    python scripts/train_gpu_sizing.py --estimate [--gpus 1 2 4 8 --tflops 989 --mfu 0.35]
+                                                   # the formulas below for full FLUX.1, no GPU (README's table)
 
 Stages (the package's own code paths, bf16 autocast + gradient checkpointing as the CLI uses on CUDA):
   prepare      FLUX VAE encoder (full width) + DC-AE encoder (the variant of --channels) on one batch of images
@@ -13,7 +15,21 @@ Stages (the package's own code paths, bf16 autocast + gradient checkpointing as 
 
 Prints per stage: median step time after the first step, peak CUDA memory, and the weights' share. FLUX.1 has 19
 double and 38 single blocks; the DiT stages grow about linearly with depth (give --depth/--single-depth to fit).
-Exit status 2 without CUDA (unless --tiny).
+Exit status 2 without CUDA (unless --tiny or --estimate).
+
+Formulas (--estimate; P base parameters, L LoRA + embedder/head parameters, n = image tokens + text tokens per
+sample, F = forward FLOPs per sample (2 x multiply-adds of every linear + attention's QK^T and AV), b per-device
+batch, N GPUs, data parallel):
+
+  memory per GPU  = 2 P (bf16 frozen weights) + 16 L (fp32 trained weights, gradients, AdamW m and v) [+ 4 L EMA]
+                    + b * n * hidden * 2 B * (blocks + 12)   (gradient checkpointing: each block's bf16 input kept,
+                    about 12 hidden-widths of one block's activations live while it is recomputed)
+                    -- the same for every N: data parallelism replicates the model
+  FLOPs per sample = head: 2 F (conditional forward; the frozen DiT needs no backward to reach the head; plus the
+                    guidance-distilled objective's unconditional forward)
+                    head+embed, lora: 5 F (forward, recomputation, backward 2 F, unconditional forward)
+  step time       = b * FLOPs per sample / (peak bf16 FLOP/s x MFU) + all-reduce 2 (N - 1) / N * 4 L B / bandwidth
+  images per second = N * b / step time; GPU-hours = steps * step time * N
 """
 
 from __future__ import annotations
@@ -66,6 +82,52 @@ def flux_vae(args):
     return AutoencoderKL(**cfg)
 
 
+def flux_counts(res: int, channels: int, rank: int, tokens: int, double: int = 19, single: int = 38,
+                h: int = 3072, m: int = 12288, context: int = 4096) -> dict:
+    """Parameters (base P, trained L), tokens n and forward FLOPs F per sample of FLUX.1 on a DC-AE latent."""
+    f = {32: 32, 128: 64, 512: 128}[channels]
+    img = (res // f) ** 2
+    n = img + tokens
+    per_double = 2 * (10 * h * h + 2 * h * m)  # img and txt: qkv, out, mlp in/out, adaLN (6 h)
+    per_single = 7 * h * h + 2 * h * m  # linear1 (3h + m), linear2 (h + m -> h), adaLN (3 h)
+    base = double * per_double + single * per_single
+    lora_double = 2 * (4 * 2 * h * rank + 2 * (h + m) * rank)  # q/k/v/out + ff in/out, image and context sides
+    lora_single = 3 * 2 * h * rank + (h + m) * rank + (h + m + h) * rank  # q/k/v, proj_mlp, proj_out
+    trained = double * lora_double + single * lora_single + 2 * channels * h + h + channels  # + embedder, head
+    linear = double * (img + tokens) * (4 * h * h + 2 * h * m) + single * n * (h * (3 * h + m) + (h + m) * h)
+    linear += img * 2 * h * channels + tokens * context * h
+    attention = (double + single) * 2 * n * n * h
+    return {"P": base, "L": trained, "n": n, "img": img, "F": 2.0 * (linear + attention), "blocks": double + single,
+            "h": h}
+
+
+def estimate(args) -> int:
+    res = args.resolution or 1024
+    rank = args.rank or 256
+    tokens = args.text_tokens or 512
+    c = flux_counts(res, args.channels, rank, tokens)
+    b = args.batch_size
+    gib = 2 ** 30
+    weights = 2 * c["P"] / gib
+    trained = 16 * c["L"] / gib
+    acts = b * c["n"] * c["h"] * 2 * (c["blocks"] + 12) / gib
+    print(f"FLUX.1 ({c['P'] / 1e9:.2f} B parameters), {res}x{res}, DC-AE C={args.channels} ({c['img']} image + "
+          f"{tokens} text tokens), LoRA rank {rank} ({c['L'] / 1e6:.0f} M trained), per-device batch {b}; "
+          f"{args.tflops:g} TFLOP/s peak x MFU {args.mfu:g}, all-reduce {args.bandwidth:g} GB/s. Formula estimates, "
+          "not measurements.")
+    print(f"{'stage':<11} {'GPUs':>4} {'memory/GPU GiB':>15} {'step s':>8} {'images/s':>9} "
+          f"{'GPU-h per 10k steps':>20}")
+    for stage, mult in (("head", 2), ("head+embed", 5), ("lora", 5)):
+        mem = weights + (trained if stage == "lora" else 16 * 2 * (args.channels * c["h"]) / gib) + acts
+        compute = b * mult * c["F"] / (args.tflops * 1e12 * args.mfu)
+        for n_gpu in args.gpus:
+            comm = 2 * (n_gpu - 1) / n_gpu * 4 * c["L"] / (args.bandwidth * 1e9) if stage == "lora" else 0.0
+            t = compute + comm
+            print(f"{stage:<11} {n_gpu:>4} {mem:>15.1f} {t:>8.3f} {n_gpu * b / t:>9.2f} "
+                  f"{10000 * t * n_gpu / 3600:>20.1f}")
+    return 0
+
+
 class Meter:
     def __init__(self, torch, device):
         self.torch, self.device = torch, device
@@ -95,7 +157,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default 256; --tiny 4)")
     ap.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512; --tiny 7)")
     ap.add_argument("--stages", default=",".join(ALL_STAGES))
+    ap.add_argument("--estimate", action="store_true", help="print the formulas' table for full FLUX.1 (no GPU)")
+    ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8], help="--estimate: GPU counts")
+    ap.add_argument("--tflops", type=float, default=989.0, help="--estimate: peak dense bf16 TFLOP/s (H100 SXM 989)")
+    ap.add_argument("--mfu", type=float, default=0.35, help="--estimate: model FLOP utilisation assumed")
+    ap.add_argument("--bandwidth", type=float, default=100.0, help="--estimate: all-reduce bus GB/s per GPU")
     args = ap.parse_args(argv)
+    if args.estimate:
+        return estimate(args)
 
     import torch
 

@@ -124,7 +124,7 @@ def test_truncated_rank_error_is_printed_and_falls_with_rank(files, tiny_dcgen, 
 def test_norms_biases_and_other_linears(comfyui, comfy_models, tiny_dcgen, files, tmp_path, caplog):
     """A full model that also changed an RMSNorm, biases (a fused q/k/v one, norm_out's swapped one, a plain one)
     and a modulation linear: norms go in as .diff, biases as .diff_b, the linear as LoRA; core LoraLoaderModelOnly
-    and Load DC-Gen LoRA patch the base into exactly the full model's weights (v0.3.64 and v0.33 names)."""
+    and DC-Gen Load LoRA patch the base into exactly the full model's weights (v0.3.64 and v0.33 names)."""
     from dcgen_core.shared.comfy_compat import norm_param_in
 
     g = torch.Generator().manual_seed(5)

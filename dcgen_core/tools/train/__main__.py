@@ -6,7 +6,10 @@
         [--embed-steps N --embed-lr LR --embed-solver adam|lstsq] [--steps N --lr LR] [--train-embedder]
     python -m dcgen_core.train lora CACHE BASE_TRANSFORMER EMBEDDING OUT [--rank 256 --alpha 256] [--embed-in-lora]
 
-Common training flags: --steps --lr --batch-size --seed --checkpoint-every N --resume [CHECKPOINT] --device
+Every stage also runs under `accelerate launch --multi_gpu --num_processes N -m dcgen_core.train ...` (data
+parallel over GPUs, or CPU processes over gloo with --device cpu; only the main process writes and prints).
+
+Common training flags: --steps --lr --batch-size --gradient-accumulation --seed --checkpoint-every N --resume [CHECKPOINT] --device
 --precision --gradient-checkpointing --lr-schedule --ema-decay --objective --no-progress. bf16 autocast and
 gradient checkpointing on CUDA, fp32 on CPU. Checkpoints: OUT/checkpoints/step-NNNNNNNN (safetensors + JSON).
 """
@@ -24,7 +27,10 @@ def _add_common(p: argparse.ArgumentParser, steps: int, lr: float, steps_help: s
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help=steps_help + f" (default {steps})")
     g.add_argument("--lr", type=float, default=lr, help=f"learning rate (AdamW; default {lr})")
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=1, help="per device (process) and micro-step (default 1)")
+    g.add_argument("--gradient-accumulation", type=int, default=1, metavar="N",
+                   help="micro-steps per optimizer step; global batch = batch size x processes x N (printed at "
+                        "start; a checkpoint resumes with any split of the same global batch)")
     g.add_argument("--seed", type=int, default=0, help="seeds init, data order, noise, timesteps, guidance")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save a checkpoint every N steps (and at each stage's end); 0: none")
@@ -60,7 +66,8 @@ def _config(args):
     from .common import TrainConfig
 
     return TrainConfig(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.gradient_accumulation,
+        seed=args.seed,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         device=args.device, precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
@@ -87,7 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precomputed embeddings (safetensors: <name>.context/.pooled and __null__.*) or hash:D,P,T, "
                         "a deterministic stand-in encoder (tests, dry runs)")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
-    p.add_argument("--resolution", default="1024", help="N or WxH; images are resized to cover it and centre-cropped")
+    p.add_argument("--resolution", default="1024",
+                   help="N or WxH: the area of every bucket (and a bucket itself); images are resized to cover their "
+                        "bucket and centre-cropped")
+    p.add_argument("--buckets", default="auto",
+                   help="aspect-ratio buckets on the DC-AE grid: auto (area <= the resolution's, aspect <= "
+                        "--max-aspect), none (the resolution only) or WxH,WxH,...")
+    p.add_argument("--max-aspect", type=float, default=2.0, help="largest aspect ratio of an auto bucket (default 2)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse the folder when any image is bad (default: list the bad ones and skip them)")
+    p.add_argument("--max-pixels", type=int, default=8192 * 8192,
+                   help="largest image (width x height from its header) accepted (default 8192^2)")
     p.add_argument("--batch-size", type=int, default=4, help="images encoded at once")
     p.add_argument("--shard-size", type=int, default=256, help="items per shard file")
     p.add_argument("--text-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -126,16 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .distributed import processes
+
+    procs = processes(cpu=getattr(args, "device", "auto") == "cpu")
+    say = print if procs.is_main else (lambda *a, **k: None)
     try:
         if args.command == "prepare":
             from .data import prepare
 
-            index = prepare(args.data_dir, args.out, dcae=args.dcae, base_vae=args.base_vae,
-                            dcae_variant=args.dcae_variant, text_encoder=args.text_encoder,
-                            text_embeddings_from=args.text_embeddings_from, resolution=args.resolution,
-                            batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
-                            text_dtype=args.text_dtype, max_sequence_length=args.max_sequence_length,
-                            progress=not args.no_progress)
+            if not procs.is_main:  # one process encodes the cache (the others wait for it)
+                procs.barrier()
+                return 0
+            try:
+                index = prepare(args.data_dir, args.out, dcae=args.dcae, base_vae=args.base_vae,
+                                dcae_variant=args.dcae_variant, text_encoder=args.text_encoder,
+                                text_embeddings_from=args.text_embeddings_from, resolution=args.resolution,
+                                batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                                text_dtype=args.text_dtype, max_sequence_length=args.max_sequence_length,
+                                progress=not args.no_progress, buckets=args.buckets, max_aspect=args.max_aspect,
+                                strict=args.strict, max_pixels=args.max_pixels)
+            finally:  # the waiting processes are released also when prepare fails
+                procs.barrier()
             print(f"cache: {index}")
         elif args.command == "align":
             from .alignment import align
@@ -143,14 +171,14 @@ def main(argv=None) -> int:
             r = align(args.cache, args.base_transformer, args.out, channels=args.channels, mode=args.mode,
                       embed_steps=args.embed_steps, embed_lr=args.embed_lr, solver=args.embed_solver,
                       train_embedder=args.train_embedder, cfg=_config(args), name=args.name)
-            print(f"embedding: {r.embedding_path} (objective {r.objective})")
+            say(f"embedding: {r.embedding_path} (objective {r.objective})")
         else:
             from .finetune import train_lora
 
             r = train_lora(args.cache, args.base_transformer, args.embedding, args.out, rank=args.rank,
                            alpha=args.alpha, embed_in_lora=args.embed_in_lora, save_dtype=args.save_dtype,
                            cfg=_config(args), name=args.name)
-            print(f"lora: {r.lora_path}\nembedding: {r.embedding_path} (objective {r.objective})")
+            say(f"lora: {r.lora_path}\nembedding: {r.embedding_path} (objective {r.objective})")
     except DCGenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -61,8 +61,10 @@ def solve_alignment(cache, teacher, channels: int, mode: str, batch_size: int, d
     n = len(cache)
     bar = progress_bar(n, "align (least squares)", progress, unit="image")
     try:
-        for start in range(0, n, batch_size):
-            b = cache.batch(range(start, min(n, start + batch_size)), device, keys=("base_latents", "dcae_latents"))
+        groups = cache.groups() if hasattr(cache, "groups") else [list(range(n))]  # a batch within one bucket
+        chunks = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+        for chunk in chunks:
+            b = cache.batch(chunk, device, keys=("base_latents", "dcae_latents"))
             target = teacher_tokens(teacher, b["base_latents"])
             grid_ratio(target.shape[-2:], b["dcae_latents"].shape[-2:])
             for x, y, weight in alignment_regression(b["dcae_latents"].float(), target, mode):
@@ -112,7 +114,7 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
              "proj_out.weight": head.weight, "proj_out.bias": head.bias}
     structure = {"kind": "align", "channels": channels, "hidden": int(embedder.out_features), "mode": mode,
                  "solver": solver, "embed_steps": embed_steps, "train_embedder": train_embedder,
-                 "ema": cfg.ema_decay > 0, "batch_size": cfg.batch_size}
+                 "ema": cfg.ema_decay > 0, "global_batch": rt.global_batch}
     checkpoints = CheckpointManager(out, structure, cfg.keep_checkpoints) if out else None
     resume = checkpoints.resolve(cfg.resume) if checkpoints else None
     result = AlignResult(model=model, embedding_path=None)
@@ -128,8 +130,8 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
                 embedder.weight.copy_(w)
                 embedder.bias.copy_(b)
         elif embed_steps > 0:
-            def embed_loss(indices, generator):
-                b = cache.batch(indices, rt.device, keys=("base_latents", "dcae_latents"))
+            def embed_loss(indices, generator, part=None):
+                b = cache.batch(indices[part or slice(None)], rt.device, keys=("base_latents", "dcae_latents"))
                 with torch.no_grad(), rt.autocast_context():
                     target = teacher_tokens(teacher, b["base_latents"])
                 with rt.autocast_context():
@@ -139,7 +141,7 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
 
             stage = Stage(EMBED_STAGE, {"x_embedder.weight": embedder.weight, "x_embedder.bias": embedder.bias},
                           embed_loss, 0, embed_steps, embed_lr, cfg.seed)
-            run_stage(stage, cfg, len(cache), checkpoints, resume, on_step, saved_params=saved)
+            run_stage(stage, cfg, cache, checkpoints, resume, on_step, saved_params=saved, rt=rt)
             result.losses["embed"] = stage.losses
         resume = None
 
@@ -153,14 +155,14 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
         p.requires_grad_(True)
     stage = Stage(HEAD_STAGE, params, loss_fn, embed_steps, embed_steps + cfg.steps, cfg.lr, cfg.seed + 1)
     if cfg.steps > 0:
-        run_stage(stage, cfg, len(cache), checkpoints, resume, on_step, saved_params=saved)
+        run_stage(stage, cfg, cache, checkpoints, resume, on_step, saved_params=saved, rt=rt)
         result.losses["head"] = stage.losses
     elif resume is not None:
         resume.load_params(saved)
     for p in saved.values():
         p.requires_grad_(False)
 
-    if out:
+    if out and rt.is_main:  # one writer: the main process
         meta = {"dcgen_stage": "align", "latent_channels": channels, "mode": mode, "solver": solver,
                 "embed_steps": embed_steps, "head_steps": cfg.steps, "objective": result.objective,
                 "base": getattr(model, "source", ""), "seed": cfg.seed}

@@ -20,55 +20,100 @@ VERSION = 1
 
 
 class CacheWriter:
-    """Writes items to shards of ``shard_size`` (stacked tensors per shard) and the index at ``close``."""
+    """Writes items to shards of ``shard_size`` (stacked tensors per shard, one bucket per shard) and rewrites the
+    index after each shard (``complete`` false until :meth:`close`). ``resume``: an index already at ``out_dir``
+    written with the same ``meta`` is continued (its items are in :attr:`done`); one with other settings is
+    refused."""
 
-    def __init__(self, out_dir: str, meta: dict, shard_size: int = 256, text_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, out_dir: str, meta: dict, shard_size: int = 256, text_dtype: torch.dtype = torch.bfloat16,
+                 resume: bool = False):
         self.out, self.meta, self.shard_size, self.text_dtype = out_dir, meta, max(1, shard_size), text_dtype
         os.makedirs(out_dir, exist_ok=True)
-        self.items, self.shards, self.pending = [], [], []
-        self.shapes = {}
+        self.items, self.shards, self.pending = [], [], {}
+        self.shapes, self.bucket_shapes = {}, {}
+        path = os.path.join(out_dir, INDEX)
+        if resume and os.path.isfile(path):
+            self._resume(path)
+        self.done = {it["name"] for it in self.items}
 
-    def add(self, name: str, caption: str, tensors: dict):
+    def _resume(self, path: str):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        differ = sorted(k for k in set(self.meta) | {"text_dtype"}
+                        if (old.get("text_dtype") if k == "text_dtype" else old.get(k)) !=
+                        (str(self.text_dtype).replace("torch.", "") if k == "text_dtype" else
+                         json.loads(json.dumps(self.meta.get(k)))))
+        if old.get("format") != FORMAT or differ:
+            raise DCGenError(f"{self.out}: expected a new folder or a cache of the same settings to resume, found "
+                             f"one made with other settings ({', '.join(differ) or 'format'}). Use another folder.")
+        self.items = [it for it in old["items"] if os.path.isfile(os.path.join(self.out,
+                                                                                old["shards"][it["shard"]]["file"]))]
+        self.shards = old["shards"]
+        self.shapes = {k: tuple(v) for k, v in old.get("shapes", {}).items()}
+        self.bucket_shapes = {b: {k: tuple(v) for k, v in sh.items()}
+                              for b, sh in old.get("bucket_shapes", {}).items()}
+
+    def add(self, name: str, caption: str, tensors: dict, bucket: tuple[int, int] | None = None):
+        key = f"{bucket[0]}x{bucket[1]}" if bucket else "default"
+        known = self.bucket_shapes.setdefault(key, {})
         for k, v in tensors.items():
             if v is None:
                 continue
             shape = tuple(v.shape)
-            if self.shapes.setdefault(k, shape) != shape:
-                raise DCGenError(f"cache item '{name}': expected '{k}' of shape {list(self.shapes[k])} like the items "
-                                 f"before it (one resolution and text length per cache), found {list(shape)}.")
-        self.pending.append((name, caption, tensors))
-        if len(self.pending) >= self.shard_size:
-            self._flush()
+            if known.setdefault(k, shape) != shape:
+                raise DCGenError(f"cache item '{name}': expected '{k}' of shape {list(known[k])} like the items "
+                                 f"of bucket {key} before it (one size and text length per bucket), found "
+                                 f"{list(shape)}.")
+            first = self.shapes.setdefault(k, shape)
+            if first[:1] != shape[:1] or (k in ("context", "pooled") and first != shape):
+                raise DCGenError(f"cache item '{name}': expected '{k}' of shape like {list(first)} (the channels "
+                                 f"and text length of every item), found {list(shape)}.")
+        pending = self.pending.setdefault(key, [])
+        pending.append((name, caption, tensors))
+        if len(pending) >= self.shard_size:
+            self._flush(key)
 
-    def _flush(self):
-        if not self.pending:
+    def _flush(self, key: str):
+        pending = self.pending.pop(key, [])
+        if not pending:
             return
         file = f"shard-{len(self.shards):05d}.safetensors"
-        keys = [k for k, v in self.pending[0][2].items() if v is not None]
+        keys = [k for k, v in pending[0][2].items() if v is not None]
         out = {}
         for k in keys:
-            stacked = torch.stack([t[k] for _, _, t in self.pending])
+            stacked = torch.stack([t[k] for _, _, t in pending])
             out[k] = (stacked.to(self.text_dtype) if k in ("context", "pooled") else stacked.float()).contiguous()
         save_file(out, os.path.join(self.out, file), metadata={"format": FORMAT})
-        for row, (name, caption, _) in enumerate(self.pending):
-            self.items.append({"name": name, "caption": caption, "shard": len(self.shards), "row": row})
-        self.shards.append({"file": file, "count": len(self.pending)})
-        self.pending = []
+        for row, (name, caption, _) in enumerate(pending):
+            self.items.append({"name": name, "caption": caption, "shard": len(self.shards), "row": row,
+                               "bucket": key})
+        self.shards.append({"file": file, "count": len(pending), "bucket": key})
+        self._write_index(complete=False)
 
-    def close(self, null_text: tuple[torch.Tensor, torch.Tensor] | None) -> str:
-        self._flush()
-        if null_text is not None:
-            save_file({"context": null_text[0].to(self.text_dtype).contiguous(),
-                       "pooled": null_text[1].to(self.text_dtype).contiguous()}, os.path.join(self.out, NULL_TEXT))
-        index = {"format": FORMAT, "version": VERSION, "count": len(self.items), **self.meta,
+    def _write_index(self, complete: bool, null_text: str | None = None, skipped=None) -> str:
+        buckets = {}
+        for it in self.items:
+            buckets[it["bucket"]] = buckets.get(it["bucket"], 0) + 1
+        index = {"format": FORMAT, "version": VERSION, "complete": complete, "count": len(self.items), **self.meta,
+                 "text_dtype": str(self.text_dtype).replace("torch.", ""),
                  "shapes": {k: list(v) for k, v in self.shapes.items()},
-                 "null_text": NULL_TEXT if null_text is not None else None,
+                 "bucket_shapes": {b: {k: list(v) for k, v in sh.items()} for b, sh in self.bucket_shapes.items()
+                                   if b in buckets},
+                 "bucket_counts": buckets, "null_text": null_text, "skipped": skipped or [],
                  "shards": self.shards, "items": self.items}
         path = os.path.join(self.out, INDEX)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(index, f, indent=1)
         os.replace(path + ".tmp", path)
         return path
+
+    def close(self, null_text: tuple[torch.Tensor, torch.Tensor] | None, skipped=None) -> str:
+        for key in sorted(self.pending):
+            self._flush(key)
+        if null_text is not None:
+            save_file({"context": null_text[0].to(self.text_dtype).contiguous(),
+                       "pooled": null_text[1].to(self.text_dtype).contiguous()}, os.path.join(self.out, NULL_TEXT))
+        return self._write_index(True, NULL_TEXT if null_text is not None else None, skipped)
 
 
 def write_cache(out_dir: str, items, meta: dict, null_text=None, shard_size: int = 256,
@@ -96,6 +141,9 @@ class LatentCache:
                              f"with {INDEX}, could not read it ({e}).") from e
         if self.index.get("format") != FORMAT:
             raise DCGenError(f"{path}: expected a {FORMAT} index, found format {self.index.get('format')!r}.")
+        if self.index.get("complete") is False:
+            raise DCGenError(f"{path}: expected a finished cache, found one that prepare did not finish "
+                             f"({self.index['count']} items so far). Run the same prepare command again: it resumes.")
         for shard in self.index["shards"]:
             if not os.path.isfile(os.path.join(self.folder, shard["file"])):
                 raise DCGenError(f"{path}: expected the shard {shard['file']} beside it, found none.")
@@ -103,6 +151,13 @@ class LatentCache:
 
     def __len__(self) -> int:
         return int(self.index["count"])
+
+    def groups(self) -> list[list[int]]:
+        """Item indices per bucket (batches are drawn within one), in bucket-name order."""
+        out = {}
+        for i, item in enumerate(self.index["items"]):
+            out.setdefault(item.get("bucket", "default"), []).append(i)
+        return [out[k] for k in sorted(out)]
 
     @property
     def dcae_channels(self) -> int:
@@ -149,6 +204,9 @@ class MemoryCache:
 
     def __len__(self):
         return int(next(iter(self.tensors.values())).shape[0])
+
+    def groups(self) -> list[list[int]]:
+        return [list(range(len(self)))]
 
     @property
     def dcae_channels(self) -> int:

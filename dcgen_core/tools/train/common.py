@@ -26,7 +26,8 @@ class TrainConfig:
 
     steps: int = 1000
     lr: float = 1e-4
-    batch_size: int = 1
+    batch_size: int = 1  # per device (process) and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
     seed: int = 0
     checkpoint_every: int = 0  # 0: none before the end
     keep_checkpoints: int = 3  # 0: keep all
@@ -56,6 +57,8 @@ class TrainConfig:
             raise DCGenError(f"--steps: expected 0 or more, found {self.steps}.")
         if self.batch_size < 1:
             raise DCGenError(f"--batch-size: expected 1 or more, found {self.batch_size}.")
+        if self.grad_accum < 1:
+            raise DCGenError(f"--gradient-accumulation: expected 1 or more, found {self.grad_accum}.")
         if self.lr <= 0:
             raise DCGenError(f"--lr: expected a positive learning rate, found {self.lr}.")
         if self.objective not in OBJECTIVES:
@@ -82,6 +85,18 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     gradient_checkpointing: bool
+    procs: object = None  # distributed.Processes
+    batch_size: int = 1
+    grad_accum: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        """Per-device batch x processes x accumulation: the items of one optimizer step."""
+        return self.batch_size * self.procs.world * self.grad_accum
+
+    @property
+    def is_main(self) -> bool:
+        return self.procs.is_main
 
     @property
     def autocast(self) -> bool:
@@ -94,7 +109,25 @@ class Runtime:
 
     def describe(self) -> str:
         return (f"{self.device} {'bf16 autocast' if self.autocast else 'fp32'}"
-                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}")
+                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}; {self.procs.describe()}; "
+                f"global batch {self.global_batch} = {self.batch_size} per device x {self.procs.world} processes x "
+                f"{self.grad_accum} accumulation")
+
+
+def check_outputs(outputs: list, inputs: dict):
+    """Refuse when an output file would replace one of the run's inputs (``inputs``: what -> path); a stage that
+    read its embedding from ``out/`` must not write its own embedding over it."""
+    import os
+
+    def same(a, b):
+        a, b = os.path.realpath(a), os.path.realpath(b)
+        return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+    for out in outputs:
+        for what, path in inputs.items():
+            if isinstance(path, str) and same(out, path):
+                raise DCGenError(f"{out}: expected an output path other than the {what} this run reads ({path}), "
+                                 "found the same file. Write to another OUT folder or pass another --name.")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -107,7 +140,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
-    device = resolve_device(cfg.device)
+    from .distributed import processes
+
+    procs = processes(cpu=cfg.device == "cpu")
+    device = procs.device if (procs.device is not None and cfg.device == "auto") else resolve_device(cfg.device)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -116,8 +152,11 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
                     device)
     ckpt = cfg.gradient_checkpointing
     ckpt = (device.type == "cuda") if ckpt == "auto" else ckpt == "on"
-    return Runtime(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                   gradient_checkpointing=ckpt)
+    rt = Runtime(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                 gradient_checkpointing=ckpt, procs=procs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+    if procs.is_main:
+        print(f"training on {rt.describe()}", file=sys.stderr, flush=True)
+    return rt
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True, initial: int = 0, unit: str = "step"):
@@ -156,51 +195,65 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str, warmup: int) -> 
 class BatchSampler:
     """Batch indices and the random draws of each step, from one seeded CPU generator.
 
-    Epochs are seeded permutations of the cache; a batch larger than what is left of an epoch continues into the
-    next. ``overfit``: the first batch and the same generator state every step (same noise, timesteps, guidance).
-    The state (generator, permutation, position) goes into checkpoints, so a resumed run continues identically.
+    ``groups``: item indices per aspect-ratio bucket (or a count: one group). Each batch comes from one group, drawn
+    with probability proportional to its size (no draw with one group). Within a group, epochs are seeded
+    permutations; a batch larger than what is left of an epoch continues into the next. ``overfit``: the first
+    batch and the same generator state every step (same noise, timesteps, guidance). The state (generator,
+    permutations, positions) goes into checkpoints, so a resumed run continues identically.
     """
 
-    def __init__(self, count: int, batch_size: int, seed: int, overfit: bool = False):
-        if count < 1:
+    def __init__(self, groups, batch_size: int, seed: int, overfit: bool = False):
+        groups = [list(range(groups))] if isinstance(groups, int) else [list(g) for g in groups if len(g)]
+        if not groups:
             raise DCGenError("training cache: expected at least one item, found none.")
-        self.count, self.batch_size, self.overfit = count, batch_size, overfit
+        self.groups, self.batch_size, self.overfit = groups, batch_size, overfit
+        self.count = sum(len(g) for g in groups)
         self.generator = torch.Generator().manual_seed(seed)
-        self.epoch = 0
-        self.perm = torch.randperm(count, generator=self.generator)
-        self.pos = 0
+        self.weights = torch.tensor([float(len(g)) for g in groups], dtype=torch.float64)
+        self.epochs = [0] * len(groups)
+        self.perms = [torch.randperm(len(g), generator=self.generator) for g in groups]
+        self.positions = [0] * len(groups)
         self._fixed = None
         if overfit:
-            self._fixed = ([int(i) for i in (torch.arange(batch_size) % count)], self.generator.get_state())
+            g = groups[0]
+            self._fixed = ([g[int(i)] for i in (torch.arange(batch_size) % len(g))], self.generator.get_state())
 
     def next(self) -> tuple[list[int], torch.Generator]:
         if self._fixed is not None:
             indices, state = self._fixed
             self.generator.set_state(state)
             return list(indices), self.generator
-        out = []
+        k = 0 if len(self.groups) == 1 else int(torch.multinomial(self.weights, 1, generator=self.generator))
+        group, out = self.groups[k], []
         while len(out) < self.batch_size:
-            if self.pos >= self.count:
-                self.epoch += 1
-                self.perm = torch.randperm(self.count, generator=self.generator)
-                self.pos = 0
-            take = min(self.batch_size - len(out), self.count - self.pos)
-            out.extend(int(i) for i in self.perm[self.pos:self.pos + take])
-            self.pos += take
+            if self.positions[k] >= len(group):
+                self.epochs[k] += 1
+                self.perms[k] = torch.randperm(len(group), generator=self.generator)
+                self.positions[k] = 0
+            take = min(self.batch_size - len(out), len(group) - self.positions[k])
+            out.extend(group[int(i)] for i in self.perms[k][self.positions[k]:self.positions[k] + take])
+            self.positions[k] += take
         return out, self.generator
 
     def state(self) -> tuple[dict, dict]:
-        return ({"sampler.rng": self.generator.get_state(), "sampler.perm": self.perm.clone()},
-                {"epoch": self.epoch, "pos": self.pos, "count": self.count, "batch_size": self.batch_size})
+        info = {"epochs": list(self.epochs), "positions": list(self.positions), "count": self.count,
+                "groups": [len(g) for g in self.groups], "batch_size": self.batch_size}
+        if len(self.groups) == 1:
+            info.update(epoch=self.epochs[0], pos=self.positions[0])
+        return ({"sampler.rng": self.generator.get_state(), "sampler.perm": torch.cat(self.perms)}, info)
 
     def load_state(self, tensors: dict, info: dict, source: str):
-        if info.get("count") != self.count or info.get("batch_size") != self.batch_size:
-            raise DCGenError(f"{source}: expected a checkpoint of a run over {self.count} cached items with batch "
-                             f"size {self.batch_size}, found {info.get('count')} items, batch size "
-                             f"{info.get('batch_size')}. Resume with the same cache and --batch-size.")
+        sizes = [len(g) for g in self.groups]
+        if info.get("count") != self.count or info.get("batch_size") != self.batch_size or \
+                info.get("groups", [info.get("count")]) != sizes:
+            raise DCGenError(f"{source}: expected a checkpoint of a run over {self.count} cached items in buckets of "
+                             f"{sizes} with global batch {self.batch_size}, found {info.get('count')} items in "
+                             f"{info.get('groups')}, global batch {info.get('batch_size')}. Resume with the same "
+                             "cache and global batch (per-device batch x processes x accumulation).")
         self.generator.set_state(tensors["sampler.rng"])
-        self.perm = tensors["sampler.perm"].clone()
-        self.epoch, self.pos = int(info["epoch"]), int(info["pos"])
+        self.perms = [p.clone() for p in torch.split(tensors["sampler.perm"], sizes)]
+        self.epochs = list(info.get("epochs", [info.get("epoch", 0)]))
+        self.positions = list(info.get("positions", [info.get("pos", 0)]))
 
 
 class EMA:
@@ -242,22 +295,36 @@ def make_optimizer(params: dict, lr: float, weight_decay: float) -> torch.optim.
                              weight_decay=weight_decay, foreach=False)
 
 
-def run_stage(stage: Stage, cfg: TrainConfig, count: int, checkpoints=None, resume=None, on_step=None,
-              saved_params: dict | None = None, extra_state: dict | None = None):
-    """Train ``stage``; returns its EMA (or None). ``checkpoints``: a :class:`~.state.CheckpointManager` (None: no
-    checkpoint files). ``resume``: a loaded checkpoint of this stage. ``saved_params``: every tensor a checkpoint
-    keeps (defaults to the stage's parameters). ``on_step(step, loss, seconds)`` is called after each step."""
+def run_stage(stage: Stage, cfg: TrainConfig, cache, checkpoints=None, resume=None, on_step=None,
+              saved_params: dict | None = None, extra_state: dict | None = None, rt: Runtime | None = None):
+    """Train ``stage``; returns its EMA (or None). ``cache``: the training cache (its buckets) or an item count.
+    ``checkpoints``: a :class:`~.state.CheckpointManager` (None: no checkpoint files; only the main process
+    writes). ``resume``: a loaded checkpoint of this stage. ``saved_params``: every tensor a checkpoint keeps
+    (defaults to the stage's parameters). ``on_step(step, loss, seconds)`` is called after each step.
+
+    One optimizer step draws a global batch (per-device batch x processes x accumulation) and the random draws of
+    all its items; each process computes ``loss_fn(indices, generator, part)`` on its micro-batches (``part``: a
+    slice of ``indices``; the generator reset to the step's state for each, so the draws are those of the whole
+    batch), gradients are summed over micro-steps and averaged over processes."""
+    from .distributed import micro_slices, processes
+
+    procs = rt.procs if rt is not None else processes()
+    accum, per_device = cfg.grad_accum, cfg.batch_size
+    global_batch = per_device * procs.world * accum
     params = stage.params
     saved_params = saved_params if saved_params is not None else params
     optimizer = make_optimizer(params, stage.lr, cfg.weight_decay)
-    sampler = BatchSampler(count, cfg.batch_size, stage.seed, overfit=cfg.overfit)
+    groups = cache.groups() if hasattr(cache, "groups") else cache
+    sampler = BatchSampler(groups, global_batch, stage.seed, overfit=cfg.overfit)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    checkpoints = checkpoints if procs.is_main else None
     step = stage.start
     if resume is not None:
         resume.load_params(saved_params)
         step = resume.restore(optimizer, sampler, ema, params)
     total = stage.end - stage.start
-    bar = progress_bar(total, stage.name, cfg.progress, initial=step - stage.start)
+    bar = progress_bar(total, stage.name, cfg.progress and procs.is_main, initial=step - stage.start)
+    plist = list(params.values())
     ran = False
     try:
         while step < stage.end:
@@ -266,17 +333,27 @@ def run_stage(stage: Stage, cfg: TrainConfig, count: int, checkpoints=None, resu
                 group["lr"] = lr
             t0 = time.perf_counter()
             indices, generator = sampler.next()
-            loss = stage.loss_fn(indices, generator)
-            if not torch.isfinite(loss):
-                raise DCGenError(f"{stage.name} step {step}: the loss is {loss.item()} (diverged). Lower --lr.")
+            start_state = generator.get_state()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value = 0.0
+            for part in micro_slices(global_batch, per_device, procs.world, procs.rank, accum):
+                generator.set_state(start_state)
+                loss = stage.loss_fn(indices, generator, part)
+                if not torch.isfinite(loss):
+                    raise DCGenError(f"{stage.name} step {step}: the loss is {loss.item()} (diverged). Lower --lr.")
+                (loss / accum).backward()
+                value += float(loss.detach()) / accum
+            if procs.world > 1:
+                for p in plist:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                procs.average_([p.grad for p in plist])
+                value = procs.mean(value)
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm, foreach=False)
+                torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm, foreach=False)
             optimizer.step()
             if ema is not None:
                 ema.update(params)
-            value = float(loss.detach())
             stage.losses.append(value)
             step += 1
             ran = True
@@ -296,6 +373,7 @@ def run_stage(stage: Stage, cfg: TrainConfig, count: int, checkpoints=None, resu
     # next stage, or with more steps of this one exactly as an uninterrupted run would
     if checkpoints is not None and cfg.checkpoint_every > 0 and ran:
         checkpoints.save(step, stage.name, saved_params, list(params), optimizer, sampler, ema, extra_state or {})
+    procs.barrier()
     if ema is not None:  # the stage's result is the EMA (the recipe merges an EMA of the LoRA)
         ema.copy_to(params)
     return ema

@@ -21,9 +21,10 @@ import torch
 from ...shared.errors import DCGenError
 from .cache import CacheWriter
 from .encoders import BaseVAE, DCAEEncoder, make_text_encoder
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, nearest_bucket, parse_buckets, report_bad, scan_folder,
+                     validate)
 
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+__all__ = ["IMAGE_EXTENSIONS", "load_image", "parse_resolution", "prepare", "scan_images"]
 
 
 def parse_resolution(text) -> tuple[int, int]:
@@ -41,35 +42,14 @@ def parse_resolution(text) -> tuple[int, int]:
 
 
 def scan_images(data_dir: str) -> list[tuple[str, str, str]]:
-    """(name, image path, caption) for every image under ``data_dir`` with a caption file of the same stem."""
-    if not os.path.isdir(data_dir):
-        raise DCGenError(f"{data_dir}: expected a folder of images with captions (image.png + image.txt), found no "
-                         "folder there.")
-    items, missing = [], []
-    for root, _, files in os.walk(data_dir):
-        for f in sorted(files):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(root, f)
-            caption_path = os.path.join(root, stem + ".txt")
-            if not os.path.isfile(caption_path):
-                missing.append(path)
-                continue
-            with open(caption_path, encoding="utf-8") as cf:
-                caption = cf.read().strip()
-            name = os.path.relpath(os.path.join(root, stem), data_dir).replace(os.sep, "/")
-            items.append((name, path, caption))
-    if missing:
-        raise DCGenError(f"{data_dir}: expected a caption file (same name, .txt) for every image, found "
-                         f"{len(missing)} without, e.g. {missing[:3]}.")
-    if not items:
-        raise DCGenError(f"{data_dir}: expected images ({', '.join(IMAGE_EXTENSIONS)}) with captions, found none.")
-    items.sort(key=lambda t: t[0])
-    names = [n for n, _, _ in items]
-    if len(set(names)) != len(names):
-        raise DCGenError(f"{data_dir}: expected one image per name, found two images of the same stem.")
-    return items
+    """(name, image path, caption) for every image under ``data_dir`` with a caption file of the same stem; a
+    missing caption is an error (:func:`prepare` lists and skips such items instead)."""
+    items = scan_folder(data_dir)
+    bad = [it for it in items if it.problem]
+    if bad:
+        raise DCGenError(f"{data_dir}: expected a caption for every image, found {len(bad)} problems, e.g. "
+                         f"{[f'{it.path}: {it.problem}' for it in bad[:3]]}.")
+    return [(it.name, it.path, it.caption) for it in items]
 
 
 def load_image(path: str, width: int, height: int) -> torch.Tensor:
@@ -77,6 +57,8 @@ def load_image(path: str, width: int, height: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image, ImageOps
 
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # validated first (images.check_image), against --max-pixels
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
@@ -88,20 +70,37 @@ def load_image(path: str, width: int, height: int) -> torch.Tensor:
             arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     except OSError as e:
         raise DCGenError(f"{path}: expected a readable image, could not open it ({e}).") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def prepare(data_dir: str, out: str, *, dcae: str, base_vae: str | None = None, dcae_variant: str = "auto",
             text_encoder: str | None = None, text_embeddings_from: str | None = None, resolution="1024",
             batch_size: int = 4, shard_size: int = 256, device: str = "auto", text_dtype: str = "bfloat16",
-            max_sequence_length: int = 512, progress: bool = True) -> str:
-    """Encode every captioned image of ``data_dir`` into a cache at ``out``; returns the index path."""
+            max_sequence_length: int = 512, progress: bool = True, buckets: str = "auto", max_aspect: float = 2.0,
+            strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, log=print) -> str:
+    """Encode every good captioned image of ``data_dir`` into a cache at ``out``; returns the index path.
+
+    Every image is validated before any model loads (bad ones listed and skipped, or refused with ``strict``);
+    shards are written as they fill, with the index rewritten after each, so a run stopped part-way resumes:
+    a second call with the same settings encodes only what the index does not hold yet."""
     from .common import progress_bar, resolve_device
 
+    log = log or (lambda *_: None)
+    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(text_dtype)
+    if tdtype is None:
+        raise DCGenError(f"--text-dtype: expected bfloat16, float16 or float32, found {text_dtype!r}.")
+    width, height = parse_resolution(resolution)
+    items = scan_folder(data_dir)
+    bad = validate(items, max_pixels, progress)
+    report_bad(bad, data_dir, strict, log)
+    good = [it for it in items if it.problem is None]
+    if not good:
+        raise DCGenError(f"{data_dir}: expected at least one readable, captioned image, found none of "
+                         f"{len(items)}.")
     dev = resolve_device(device)
     enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    width, height = parse_resolution(resolution)
-    items = scan_images(data_dir)
     dc = DCAEEncoder(dcae, dcae_variant, dev, enc_dtype)
     base = BaseVAE(base_vae, dev, enc_dtype) if base_vae else None
     step = dc.factor if base is None else max(dc.factor, base.factor * 2)
@@ -111,26 +110,32 @@ def prepare(data_dir: str, out: str, *, dcae: str, base_vae: str | None = None, 
     if base is not None and (dc.factor % (base.factor * 2)):
         raise DCGenError(f"--dcae f{dc.factor}: expected a compression that is a multiple of FLUX's token size "
                          f"{base.factor * 2} (DC-AE f32 / f64 / f128).")
+    sizes = parse_buckets(buckets, width, height, step, max_aspect)
     text = make_text_encoder(text_encoder, text_embeddings_from, dev, enc_dtype, max_sequence_length)
-    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(text_dtype)
-    if tdtype is None:
-        raise DCGenError(f"--text-dtype: expected bfloat16, float16 or float32, found {text_dtype!r}.")
-    meta = {"resolution": [width, height], "dcae": dc.describe(),
+    meta = {"resolution": [width, height], "buckets": [list(b) for b in sizes], "dcae": dc.describe(),
             "base_vae": base.describe() if base else None, "text": text.describe(),
             "data_dir": os.path.abspath(data_dir)}
-    writer = CacheWriter(out, meta, shard_size, tdtype)
-    bar = progress_bar(len(items), "prepare", progress, unit="image")
+    writer = CacheWriter(out, meta, shard_size, tdtype, resume=True)
+    todo = [it for it in good if it.name not in writer.done]
+    if writer.done:
+        log(f"resuming {out}: {len(writer.done)} items cached, {len(todo)} to go")
+    groups: dict[tuple[int, int], list] = {}
+    for it in todo:
+        groups.setdefault(nearest_bucket(it.size, sizes), []).append(it)
+    bar = progress_bar(len(todo), "prepare", progress, unit="image")
     try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            images = torch.stack([load_image(p, width, height) for _, p, _ in chunk])
-            dl = dc.encode(images)
-            bl = base.encode(images) if base else None
-            ctx, pooled = text.encode([n for n, _, _ in chunk], [c for _, _, c in chunk])
-            for j, (name, _, caption) in enumerate(chunk):
-                writer.add(name, caption, {"base_latents": None if bl is None else bl[j], "dcae_latents": dl[j],
-                                           "context": ctx[j], "pooled": pooled[j]})
-            bar.update(len(chunk))
+        for (bw, bh), members in sorted(groups.items()):
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                images = torch.stack([load_image(it.path, bw, bh) for it in chunk])
+                dl = dc.encode(images)
+                bl = base.encode(images) if base else None
+                ctx, pooled = text.encode([it.name for it in chunk], [it.caption for it in chunk])
+                for j, it in enumerate(chunk):
+                    writer.add(it.name, it.caption, {"base_latents": None if bl is None else bl[j],
+                                                     "dcae_latents": dl[j], "context": ctx[j], "pooled": pooled[j]},
+                               bucket=(bw, bh))
+                bar.update(len(chunk))
     finally:
         bar.close()
-    return writer.close(text.null())
+    return writer.close(text.null(), skipped=[{"path": it.path, "problem": it.problem} for it in bad])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...shared.errors import DCGenError
-from .common import Stage, TrainConfig, resolve_runtime, run_stage
+from .common import Stage, TrainConfig, check_outputs, resolve_runtime, run_stage
 from .cache import open_cache
 from .model import (LORA_TARGET_REGEX, Denoiser, embedding_state_dict, install_embedding, load_base_transformer,
                     read_embedding, save_embedding)
@@ -27,6 +27,7 @@ from .state import CheckpointManager
 
 STAGE = "lora"
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OUTPUT_SUFFIXES = ("lora.safetensors", "embedding.safetensors", "lora.json")
 
 
 @dataclass
@@ -87,6 +88,9 @@ def train_lora(cache, base, embedding, out: str | None, *, rank: int = 256, alph
     cfg.validate()
     if save_dtype not in SAVE_DTYPES:
         raise DCGenError(f"--save-dtype: expected one of {', '.join(SAVE_DTYPES)}, found {save_dtype!r}.")
+    if out:
+        check_outputs([os.path.join(out, f"{name}-{suffix}") for suffix in OUTPUT_SUFFIXES],
+                      {"aligned embedding": embedding, "base transformer": base})
     rt = resolve_runtime(cfg)
     cache = open_cache(cache)
     emb = read_embedding(embedding) if isinstance(embedding, str) else embedding
@@ -111,17 +115,17 @@ def train_lora(cache, base, embedding, out: str | None, *, rank: int = 256, alph
     for p in params.values():
         p.requires_grad_(True)
     structure = {"kind": "lora", "channels": channels, "hidden": int(hidden), "rank": rank, "alpha": float(alpha),
-                 "lora_modules": len(params) // 2 - 2, "ema": cfg.ema_decay > 0, "batch_size": cfg.batch_size}
+                 "lora_modules": len(params) // 2 - 2, "ema": cfg.ema_decay > 0, "global_batch": rt.global_batch}
     checkpoints = CheckpointManager(out, structure, cfg.keep_checkpoints) if out else None
     resume = checkpoints.resolve(cfg.resume) if checkpoints else None
     loss_fn = denoising_loss(Denoiser(model, rt), cache, cfg, rt.device)
     stage = Stage(STAGE, params, loss_fn, 0, cfg.steps, cfg.lr, cfg.seed)
-    run_stage(stage, cfg, len(cache), checkpoints, resume, on_step)
+    run_stage(stage, cfg, cache, checkpoints, resume, on_step, rt=rt)
     for p in params.values():
         p.requires_grad_(False)
     result = LoraResult(model=model, lora_path=None, embedding_path=None, losses=stage.losses,
                         objective=loss_fn.objective)
-    if out:
+    if out and rt.is_main:  # one writer: the main process
         meta = {"dcgen_stage": "lora", "latent_channels": channels, "rank": rank, "alpha": float(alpha),
                 "steps": cfg.steps, "objective": loss_fn.objective, "base": getattr(model, "source", ""),
                 "seed": cfg.seed, "ema_decay": cfg.ema_decay}

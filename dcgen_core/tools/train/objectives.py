@@ -113,16 +113,19 @@ def denoising_loss(denoiser, cache, cfg, device):
     objective = resolve_objective(cfg.objective, denoiser.guidance_embeds)
     null = cache.null_text(device) if objective == "guidance-distilled" else None
 
-    def loss_fn(indices, generator):
-        b = cache.batch(indices, device, keys=("dcae_latents", "context", "pooled"))
+    def loss_fn(indices, generator, part: slice | None = None):
+        """The loss on ``indices[part]``; the draws are made for all of ``indices`` (the global batch), so any
+        split of it over processes and micro-steps sees the same noise, times and guidance per item."""
+        part = part if part is not None else slice(0, len(indices))
+        b = cache.batch(indices[part], device, keys=("dcae_latents", "context", "pooled"))
         x0 = b["dcae_latents"]
-        n = x0.shape[0]
-        sigma = sample_sigmas(n, generator, shift_for_latent(x0), cfg.logit_mean, cfg.logit_std)
-        eps = torch.randn(x0.shape, generator=generator).to(device)
+        n, total = x0.shape[0], len(indices)
+        sigma = sample_sigmas(total, generator, shift_for_latent(x0), cfg.logit_mean, cfg.logit_std)[part]
+        eps = torch.randn((total, *x0.shape[1:]), generator=generator)[part].to(device)
         sigma = sigma.to(device)
         x_t, v_target = noisy_sample(x0, eps, sigma)
         if objective == "guidance-distilled":
-            w = sample_guidance(n, generator, cfg.guidance_min, cfg.guidance_max).to(device)
+            w = sample_guidance(total, generator, cfg.guidance_min, cfg.guidance_max)[part].to(device)
             return guidance_distilled_loss(denoiser, x_t, sigma, b["context"], b["pooled"], null[0], null[1], w,
                                            v_target)
         guidance = torch.full((n,), float(cfg.guidance), device=device) if denoiser.guidance_embeds else None
