@@ -8,7 +8,7 @@ A DC-Gen-FLUX 4K model (128 DC-AE channels) with FLUX.1's full width (hidden 307
 --quantize-modulation). Then, side by side in one run:
 
 - file bytes, and the ratio to bf16;
-- loading through the nodes (Load DC-Gen Diffusion Model, weight_dtype bf16 / Load DC-Gen Diffusion Model
+- loading through the nodes (DC-Gen Load Model, weight_dtype bf16 / DC-Gen Load Model
   (NVFP4)), each in a fresh process: peak and final private memory (final = resident weights), and the weight
   bytes as stored;
 - one diffusion-model call (= one sampling step, cfg 1) of each model on the same latent (--tokens image tokens)

@@ -4,9 +4,9 @@
     python benchmarks/bench_nvfp4_gpu.py --tiny      # dry run of the same code at tiny dims (CPU without CUDA)
 
 Full FLUX.1 dimensions (hidden 3072, 19 double + 38 single blocks) with random bf16 weights made on the GPU. The
-bf16 model is built as Load DC-Gen Diffusion Model builds it; the NVFP4 one is quantized on the GPU by the
+bf16 model is built as DC-Gen Load Model builds it; the NVFP4 one is quantized on the GPU by the
 quantizer's own code (dcgen_core.shared.quant.quantize.quantize_state_dict: block linears, plus the modulation linears with
---modulation) and built as Load DC-Gen Diffusion Model (NVFP4) builds it, with the ops the running ComfyUI picks.
+--modulation) and built as DC-Gen Load 4-bit builds it, with the ops the running ComfyUI picks.
 Compute path: native NVFP4 matmul where the GPU and comfy-kitchen's CUDA backend support it (SM >= 10),
 weight-only otherwise (each layer dequantized to bf16 just before its matmul). Per step = one diffusion-model call
 (guidance-distilled, cfg 1), median of --repeats after a warm-up, CUDA-synchronized; peak VRAM =

@@ -2,7 +2,7 @@
 
     python benchmarks/load_memory.py [--double 2 --single 4 --heads 6]
 
-Each case loads through Load DC-Gen Diffusion Model in a fresh process (ComfyUI booted on CPU):
+Each case loads through DC-Gen Load Model in a fresh process (ComfyUI booted on CPU):
 layouts BFL single file, diffusers single file, sharded diffusers folder; weight_dtype default
 (the file's fp32), bf16, fp8_e4m3fn. A thread samples /proc/self/status every millisecond while
 the loader runs. Loaded weights are private copies (the file may be overwritten or truncated

@@ -1,6 +1,6 @@
 """The architecture registry: the model families the pack patches, and what the shared nodes ask of them.
 
-Apply DC-Gen Aligned Embedding and Load DC-Gen LoRA take a MODEL of any family; this module tells which family it is
+DC-Gen Add Embedding and DC-Gen Load LoRA take a MODEL of any family; this module tells which family it is
 (each family's ``architecture.ARCHITECTURE``, see shared/family.py) and hands out its embedding patch and LoRA key
 map, so neither the nodes nor the shared LoRA code branch on model types. A new family registers in ARCHITECTURES.
 """
@@ -8,14 +8,16 @@ map, so neither the nodes nor the shared LoRA code branch on model types. A new 
 from __future__ import annotations
 
 from .flux.architecture import ARCHITECTURE as FLUX
+from .qwen_image.architecture import ARCHITECTURE as QWEN_IMAGE
 from .sana.architecture import ARCHITECTURE as SANA
+from .wan.architecture import ARCHITECTURE as WAN
 from .shared.errors import DCGenError
 from .shared.family import Architecture
 from .shared.lora import lora_patches, read_lora_file, split_quantized
 
 
 #: Every model family the pack patches (one entry per family; ARCHITECTURE.md, "Adding a model family").
-ARCHITECTURES: tuple[Architecture, ...] = (FLUX, SANA)
+ARCHITECTURES: tuple[Architecture, ...] = (FLUX, SANA, QWEN_IMAGE, WAN)
 
 
 def architecture_of(model, subject: str = "model") -> Architecture:

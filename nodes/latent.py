@@ -7,7 +7,9 @@ from ..dcgen_core.shared.schedules import RULES
 MAX_RESOLUTION = 16384
 
 class EmptyDCAELatent:
-    DESCRIPTION = "Empty latent on the DC-AE grid: (batch, C, height/f, width/f) for the given DC-AE VAE."
+    DESCRIPTION = "Empty latent on a DC-AE grid: (batch, C, height/f, width/f) for the DC-AE VAE given."
+    OUTPUT_TOOLTIPS = ("Zeros on the DC-AE grid, for the DC-Gen Sampler, KSampler or SamplerCustomAdvanced.",)
+    SEARCH_ALIASES = ["dcgen", "dc-ae", "empty latent", "latent image", "4k", "1k"]
     CATEGORY = "DC-Gen/latent"
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "generate"
@@ -30,8 +32,10 @@ class EmptyDCAELatent:
         return ({"samples": samples, "downscale_ratio_spacial": vae.downscale_ratio},)
 
 class DCGenTimeShift:
-    DESCRIPTION = ("Choose the DC-Gen time-shift rule and fix it to an image size. Without this node the model's own "
-                   "rule follows the size of the latent being sampled (the official schedule).")
+    DESCRIPTION = ("Pick the DC-Gen time-shift rule and fix it to an image size. Without it the model follows the size it "
+                   "samples, as the official pipeline does.")
+    OUTPUT_TOOLTIPS = ("A copy of the MODEL with that time shift.",)
+    SEARCH_ALIASES = ["dcgen", "time shift", "shift", "model sampling", "schedule", "mu", "4k"]
     CATEGORY = "DC-Gen/sampling"
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
@@ -43,7 +47,7 @@ class DCGenTimeShift:
                 "tooltip": "Image size the shift is computed for, a multiple of the DC-AE f; width = height = 0: "
                            "follow the size of the latent being sampled."}
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A DC-Gen model (Load DC-Gen Diffusion Model, or FLUX + aligned embedding)."}),
+            "model": ("MODEL", {"tooltip": "A DC-Gen model (DC-Gen Load Model, or FLUX + aligned embedding)."}),
             "rule": ([cls.DEFAULT_RULE, *RULES.values()], {
                 "default": cls.DEFAULT_RULE,
                 "tooltip": "model default: flux2 for 1K (f32c32) models, mu for 4K (f64c128) models, as the authors' "
@@ -59,6 +63,6 @@ class DCGenTimeShift:
 
 
 LATENT_NODES = {
-    "DCGenEmptyLatent": (EmptyDCAELatent, "Empty DC-AE Latent Image"),
+    "DCGenEmptyLatent": (EmptyDCAELatent, "DC-Gen Empty Latent"),
     "DCGenTimeShift": (DCGenTimeShift, "DC-Gen Time Shift"),
 }

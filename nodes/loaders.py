@@ -19,7 +19,10 @@ _VAE_TIP = ("Optional DC-AE VAE the model was trained with: its scaling factor i
 
 
 class DCAELoader:
-    DESCRIPTION = "Load a DC-AE (deep compression autoencoder) as a VAE for core VAE Decode/Encode (also tiled)."
+    DESCRIPTION = ("Load a DC-AE (deep compression autoencoder, any variant) as a VAE for core VAE Decode/Encode and the "
+                   "DC-Gen nodes. The variant is read from config.json, the name or the weights.")
+    OUTPUT_TOOLTIPS = ("The DC-AE as a core VAE: VAE Decode/Encode, DC-Gen DC-AE Decode/Encode, the DC-Gen Sampler.",)
+    SEARCH_ALIASES = ["dcgen", "dc-ae", "dcae", "vae", "autoencoder", "deep compression", "sana vae", "4k"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("VAE",)
     FUNCTION = "load"
@@ -28,8 +31,8 @@ class DCAELoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae_name": (comfy_paths.weight_files("vae"), {
-                "tooltip": "DC-AE weights in models/vae: a single safetensors (diffusers or original keys) or the "
-                           "diffusion_pytorch_model.safetensors of a diffusers folder (its config.json is read)."}),
+                "tooltip": "DC-AE in models/vae: a diffusers folder (listed once; its config.json is read) or a "
+                           "single safetensors (diffusers or original keys)."}),
             "variant": (["auto", *VARIANTS], {
                 "default": "auto",
                 "tooltip": "auto: from config.json, then the file name, then the weights. Pick the variant when the "
@@ -49,8 +52,10 @@ def _transformer_inputs(unet_tip: str) -> dict:
 
 
 class DCGenModelLoader:
-    DESCRIPTION = ("Load a DC-Gen transformer (e.g. DC-Gen-FLUX.1-Krea-Dev Res1K/Res4K) as a MODEL that samples "
-                   "DC-AE latents. Memory-mapped; a diffusers folder is picked by its first shard.")
+    DESCRIPTION = ("Load a DC-Gen transformer (DC-Gen-FLUX.1-Krea-Dev Res1K or Res4K, or a base FLUX) as a MODEL that "
+                   "samples DC-AE latents. A diffusers folder appears once in the list; weights are read into memory.")
+    OUTPUT_TOOLTIPS = ("The DC-Gen MODEL, for the DC-Gen Sampler, KSampler or SamplerCustomAdvanced.",)
+    SEARCH_ALIASES = ["dcgen", "dc-gen flux", "flux krea", "1k", "4k", "diffusion model", "unet loader"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
@@ -65,12 +70,10 @@ class DCGenModelLoader:
 
 
 class DCGenNVFP4ModelLoader:
-    DESCRIPTION = ("Load a 4-bit FLUX / DC-Gen-FLUX transformer as a MODEL: a ComfyUI NVFP4 file (made by "
-                   "python -m dcgen_core.quantize or any tool writing ComfyUI's format, per-layer comfy_quant entries "
-                   "or the _quantization_metadata header, pre_quant_scale applied) or a nunchaku SVDQuant file "
-                   "(int4/fp4; also nunchaku's pre-v1 folder). Weights stay 4-bit in "
-                   "memory; native NVFP4 matmul on RTX 50xx/B200 (SM >= 10), dequantized per layer elsewhere. "
-                   "A base FLUX file becomes DC-Gen with Apply DC-Gen Aligned Embedding + Load DC-Gen LoRA.")
+    DESCRIPTION = ("Load a 4-bit FLUX or DC-Gen-FLUX transformer (NVFP4, or nunchaku SVDQuant int4/fp4) as a MODEL; "
+                   "weights stay 4-bit in memory.")
+    OUTPUT_TOOLTIPS = ("The 4-bit MODEL (a base FLUX file: add DC-Gen Add Embedding + DC-Gen Load LoRA).",)
+    SEARCH_ALIASES = ["dcgen", "nvfp4", "fp4", "int4", "4-bit", "4bit", "svdquant", "nunchaku", "quantized", "4k"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
@@ -96,9 +99,10 @@ class DCGenNVFP4ModelLoader:
 
 
 class DCGenSanaModelLoader:
-    DESCRIPTION = ("Load a SANA transformer (SANA 600M / 1.6B, SANA-1.5, DC-Gen-SANA) as a MODEL for core samplers: "
-                   "diffusers folders or single files, or original NVlabs/Sana safetensors. Samples DC-AE latents "
-                   "(f32c32 for SANA) with SANA's flow shift 3.0; encode prompts with Load SANA Text Encoder.")
+    DESCRIPTION = ("Load a SANA transformer (600M / 1.6B, SANA-1.5; diffusers or original NVlabs files) as a MODEL for "
+                   "core samplers and the DC-Gen Sampler.")
+    OUTPUT_TOOLTIPS = ("The SANA MODEL (DC-AE f32c32 latents; DC-Gen-SANA after DC-Gen Add Embedding + LoRA).",)
+    SEARCH_ALIASES = ["dcgen", "sana", "sana 1.5", "sana 1.6b", "efficient-large-model", "diffusion model"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
@@ -115,8 +119,10 @@ class DCGenSanaModelLoader:
 
 
 class DCGenSanaTextEncoderLoader:
-    DESCRIPTION = ("Load Gemma-2-2B as SANA's text encoder: the final normed hidden state, the official complex "
-                   "human instruction and 300-token selection, and the attention mask, for CLIP Text Encode.")
+    DESCRIPTION = ("Load Gemma-2-2B as SANA's text encoder, a CLIP for CLIP Text Encode (SANA's instruction, 300 tokens "
+                   "and attention mask).")
+    OUTPUT_TOOLTIPS = ("SANA's text encoder as a CLIP, for CLIP Text Encode (positive and negative).",)
+    SEARCH_ALIASES = ["dcgen", "sana", "gemma", "gemma2", "gemma-2", "text encoder", "clip loader"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
@@ -133,8 +139,10 @@ class DCGenSanaTextEncoderLoader:
 
 
 class DCGenApplyAlignedEmbedding:
-    DESCRIPTION = ("Move a FLUX MODEL into DC-AE latent space: swap in the aligned input embedder and output head "
-                   "(on a copy; the incoming model is unchanged). Add the DC-Gen LoRA after this.")
+    DESCRIPTION = ("Move a FLUX or SANA MODEL into DC-AE latent space with an aligned embedding (input embedder and output "
+                   "head), on a copy. Add the DC-Gen LoRA after it.")
+    OUTPUT_TOOLTIPS = ("A copy of the MODEL that samples DC-AE latents; add the DC-Gen LoRA next.",)
+    SEARCH_ALIASES = ["dcgen", "aligned embedding", "embedder", "dc-ae", "flux", "sana", "1k", "4k"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
@@ -142,7 +150,8 @@ class DCGenApplyAlignedEmbedding:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "FLUX.1-Krea-dev (or dev) from Load Diffusion Model."}),
+            "model": ("MODEL", {"tooltip": "FLUX.1-Krea-dev (or dev) from Load Diffusion Model, or SANA from "
+                                           "DC-Gen Load SANA."}),
             "embedding_name": (comfy_paths.embedding_files(), {
                 "tooltip": "Aligned embedding (x_embedder + proj_out, or img_in + final_layer.linear) in "
                            "models/dcgen_embeddings or models/loras."}),
@@ -154,8 +163,10 @@ class DCGenApplyAlignedEmbedding:
 
 
 class DCGenLoraLoader:
-    DESCRIPTION = ("Apply a DC-Gen (or any FLUX) LoRA: diffusers/PEFT and kohya layouts, fused qkv offsets. "
-                   "A file that also carries the aligned embedder/head applies them too. Stackable.")
+    DESCRIPTION = ("Apply a DC-Gen (or any) LoRA to a FLUX or SANA MODEL: diffusers, PEFT, kohya or ComfyUI keys; a "
+                   "file that carries the aligned embedding applies it too. Exact on 4-bit models.")
+    OUTPUT_TOOLTIPS = ("A copy of the MODEL with the LoRA (and the embedding, if the file has one).",)
+    SEARCH_ALIASES = ["dcgen", "lora", "peft", "kohya", "flux", "sana", "nvfp4", "svdquant"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
@@ -163,7 +174,7 @@ class DCGenLoraLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A FLUX or DC-Gen model; the LoRA is added to a copy."}),
+            "model": ("MODEL", {"tooltip": "A FLUX, SANA or DC-Gen model (also 4-bit); the LoRA is added to a copy."}),
             "lora_name": (comfy_paths.weight_files("loras"), {"tooltip": "LoRA in models/loras."}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                          "tooltip": "LoRA strength (the embedder/head, if present, is always applied)."}),
@@ -174,11 +185,11 @@ class DCGenLoraLoader:
 
 
 LOADER_NODES = {
-    "DCGenDCAELoader": (DCAELoader, "Load DC-AE VAE (DC-Gen)"),
-    "DCGenModelLoader": (DCGenModelLoader, "Load DC-Gen Diffusion Model"),
-    "DCGenNVFP4ModelLoader": (DCGenNVFP4ModelLoader, "Load DC-Gen Diffusion Model (NVFP4)"),
-    "DCGenSanaModelLoader": (DCGenSanaModelLoader, "Load SANA Diffusion Model (DC-Gen)"),
-    "DCGenSanaTextEncoderLoader": (DCGenSanaTextEncoderLoader, "Load SANA Text Encoder (Gemma-2)"),
-    "DCGenApplyAlignedEmbedding": (DCGenApplyAlignedEmbedding, "Apply DC-Gen Aligned Embedding"),
-    "DCGenLoraLoader": (DCGenLoraLoader, "Load DC-Gen LoRA"),
+    "DCGenDCAELoader": (DCAELoader, "DC-Gen Load DC-AE"),
+    "DCGenModelLoader": (DCGenModelLoader, "DC-Gen Load Model"),
+    "DCGenNVFP4ModelLoader": (DCGenNVFP4ModelLoader, "DC-Gen Load 4-bit"),
+    "DCGenSanaModelLoader": (DCGenSanaModelLoader, "DC-Gen Load SANA"),
+    "DCGenSanaTextEncoderLoader": (DCGenSanaTextEncoderLoader, "DC-Gen Load Gemma-2"),
+    "DCGenApplyAlignedEmbedding": (DCGenApplyAlignedEmbedding, "DC-Gen Add Embedding"),
+    "DCGenLoraLoader": (DCGenLoraLoader, "DC-Gen Load LoRA"),
 }

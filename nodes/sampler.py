@@ -7,9 +7,11 @@ from .latent import MAX_RESOLUTION
 
 
 class DCGenSampler:
-    DESCRIPTION = ("Sample a DC-Gen model with the official schedule (euler/simple, time shift for the size, FLUX "
-                   "guidance), at the model's native size (1024 or 4096) or any size on its DC-AE grid. Connect a "
-                   "LATENT for img2img (width/height 0 then follow it); connect the DC-AE VAE to also get the IMAGE.")
+    DESCRIPTION = ("Sample a DC-Gen model with the official schedule at its native size (1024 or 4096) or any size on its "
+                   "DC-AE grid; connect a LATENT for img2img and the DC-AE VAE to also get the IMAGE.")
+    OUTPUT_TOOLTIPS = ("The sampled DC-AE latent (decode it with the DC-AE, or refine it further).",
+                       "The image, decoded with the connected DC-AE VAE (None when no VAE is connected).")
+    SEARCH_ALIASES = ["dcgen", "4k", "2k", "1k", "sampler", "ksampler", "text to image", "img2img", "flux", "sana"]
     CATEGORY = "DC-Gen/sampling"
     RETURN_TYPES = ("LATENT", "IMAGE")
     RETURN_NAMES = ("latent", "image")
@@ -24,7 +26,7 @@ class DCGenSampler:
                            "4K model), or the connected LATENT's size. Otherwise a multiple of the model's DC-AE f "
                            "(32 for 1K, 64 for 4K) within its range (1K model: up to 2048 per side)."}
         return {"required": {
-            "model": ("MODEL", {"tooltip": "A DC-Gen model (Load DC-Gen Diffusion Model, or FLUX + embedding + LoRA)."}),
+            "model": ("MODEL", {"tooltip": "A DC-Gen model (DC-Gen Load Model, or FLUX + embedding + LoRA)."}),
             "positive": ("CONDITIONING", {"tooltip": "The prompt, from CLIP Text Encode (FLUX's CLIP-L + T5-XXL)."}),
             "width": ("INT", size),
             "height": ("INT", size),
@@ -45,8 +47,9 @@ class DCGenSampler:
         }, "optional": {
             "latent": ("LATENT", {"tooltip": "img2img: a DC-AE latent of this model (e.g. VAE Encode with the DC-AE)."}),
             "vae": ("VAE", {"tooltip": "The model's DC-AE: also decode to IMAGE (tiles when memory is short)."}),
-            "negative": ("CONDITIONING", {"tooltip": "SANA models only: the negative prompt (official: \"\"), for "
-                                                     "classifier-free guidance. FLUX ignores it (guidance-distilled)."}),
+            "negative": ("CONDITIONING", {"tooltip": "SANA and DC-Gen-Qwen-Image-Edit only: the negative prompt "
+                                                     "(official: \"\" / \" \"), for classifier-free guidance. FLUX "
+                                                     "ignores it (guidance-distilled)."}),
         }}
 
     def run(self, model, positive, width, height, batch_size, steps, guidance, seed, sampler_name, scheduler,
@@ -56,18 +59,10 @@ class DCGenSampler:
 
 
 class DCGenFlowSigmas:
-    DESCRIPTION = ("Sigmas (final 0 included) of a diffusers flow-matching scheduler, for SamplerCustomAdvanced.\n"
-                   "'flow-match euler (diffusers)': FlowMatchEulerDiscreteScheduler(shift); with KSamplerSelect "
-                   "'euler' it reproduces SANA's diffusers pipelines on that scheduler step for step.\n"
-                   "'dpm-solver++ flow (diffusers)': DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift=shift), "
-                   "SANA's official (default) scheduler; sample with DC-Gen DPM-Solver++ Flow (SANA), which "
-                   "reproduces diffusers' SanaPipeline (within 2e-6 on a tiny SANA transformer: 20 steps, cfg 4.5, "
-                   "masked 300-token prompt and negative). Core SamplerDPMPP_2M_SDE with eta 0 and solver_type "
-                   "midpoint takes the same solver steps but feeds the model 1000 * sigma where diffusers feeds the "
-                   "integer timesteps int(1000 * sigma), and starts from sigma0 * noise (sigma0 = 0.99967 at shift "
-                   "3) where diffusers starts from the noise: about 6e-2 off on that transformer. No KSamplerSelect "
-                   "name is exact: 'dpmpp_2m' takes its second-order step ratios in log-sigma rather than the "
-                   "flow's log-SNR, and 'dpmpp_2m_sde' there has eta 1 (adds noise).")
+    DESCRIPTION = ("SIGMAS of diffusers' flow-matching schedulers (FlowMatchEuler or SANA's DPM-Solver++ flow) for "
+                   "SamplerCustomAdvanced; with the matching sampler they reproduce diffusers step for step.")
+    OUTPUT_TOOLTIPS = ("The sigmas (final 0 included), for SamplerCustomAdvanced.",)
+    SEARCH_ALIASES = ["dcgen", "sana", "sigmas", "scheduler", "flow match", "dpm-solver", "shift"]
     CATEGORY = "DC-Gen/sampling"
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "run"
@@ -90,15 +85,10 @@ class DCGenFlowSigmas:
 
 
 class DCGenDPMSolverFlowSampler:
-    DESCRIPTION = ("SANA's official scheduler as a SAMPLER for SamplerCustomAdvanced: diffusers' "
-                   "DPMSolverMultistepScheduler (DPM-Solver++ order 2 on flow sigmas, as SanaPipeline runs it). Use "
-                   "it with DC-Gen Flow Sigmas 'dpm-solver++ flow (diffusers)' (shift 3.0, 20 steps) and CFGGuider "
-                   "(cfg 4.5). Beyond the solver steps of core SamplerDPMPP_2M_SDE (eta 0) it feeds the model "
-                   "diffusers' integer timesteps int(1000 * sigma) and, from an empty latent, starts from the noise "
-                   "itself (ComfyUI: sigma0 * noise). On a tiny SANA transformer (20 steps, cfg 4.5, masked "
-                   "300-token prompt and negative) it matches SanaPipeline within 2e-6, where the core route is about "
-                   "6e-2 off. From a latent (img2img) it starts as ComfyUI does, which is diffusers' add_noise. "
-                   "Flow-matching models only.")
+    DESCRIPTION = ("SANA's official scheduler (diffusers' DPM-Solver++ 2M on flow sigmas) as a SAMPLER for "
+                   "SamplerCustomAdvanced, with DC-Gen Flow Sigmas 'dpm-solver++ flow'; matches SanaPipeline where core "
+                   "DPM++ 2M differs.")
+    SEARCH_ALIASES = ["dcgen", "sana", "dpm-solver++", "dpmpp", "dpm++ 2m", "flow", "sampler"]
     CATEGORY = "DC-Gen/sampling"
     RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("The sampler, for SamplerCustomAdvanced (with DC-Gen Flow Sigmas 'dpm-solver++ flow').",)
@@ -117,6 +107,6 @@ class DCGenDPMSolverFlowSampler:
         return (dpm_flow_sampler(solver_type),)
 
 
-SAMPLER_NODES = {"DCGenSampler": (DCGenSampler, "DC-Gen Sampler (4K)"),
-                 "DCGenFlowSigmas": (DCGenFlowSigmas, "DC-Gen Flow Sigmas (SANA)"),
-                 "DCGenDPMSolverFlowSampler": (DCGenDPMSolverFlowSampler, "DC-Gen DPM-Solver++ Flow (SANA)")}
+SAMPLER_NODES = {"DCGenSampler": (DCGenSampler, "DC-Gen Sampler 4K"),
+                 "DCGenFlowSigmas": (DCGenFlowSigmas, "DC-Gen Flow Sigmas"),
+                 "DCGenDPMSolverFlowSampler": (DCGenDPMSolverFlowSampler, "DC-Gen DPM++ Flow")}

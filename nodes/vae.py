@@ -23,8 +23,10 @@ def _tiling_inputs():
 
 
 class DCAEDecodeTiled:
-    DESCRIPTION = ("Decode a DC-AE LATENT to an IMAGE, in overlapping tiles when the untiled decode would not fit "
-                   "the device memory (mode auto) or always. Needs a DC-AE VAE (Load DC-AE VAE).")
+    DESCRIPTION = ("Decode a DC-AE LATENT to an IMAGE, in overlapping tiles when the whole image would not fit in memory "
+                   "(mode auto) or always.")
+    OUTPUT_TOOLTIPS = ("The decoded image.",)
+    SEARCH_ALIASES = ["dcgen", "dc-ae", "vae decode", "tiled", "decode", "4k"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -33,7 +35,7 @@ class DCAEDecodeTiled:
     def INPUT_TYPES(cls):
         return {"required": {
             "samples": ("LATENT", {"tooltip": "A DC-AE latent (B, C, H/f, W/f), e.g. from the DC-Gen sampler."}),
-            "vae": ("VAE", {"tooltip": "The DC-AE VAE of the latent (from Load DC-AE VAE)."}),
+            "vae": ("VAE", {"tooltip": "The DC-AE VAE of the latent (from DC-Gen Load DC-AE)."}),
             **_tiling_inputs(),
         }}
 
@@ -42,8 +44,10 @@ class DCAEDecodeTiled:
 
 
 class DCAEEncodeTiled:
-    DESCRIPTION = ("Encode an IMAGE to a DC-AE LATENT, in overlapping tiles when the untiled encode would not fit "
-                   "the device memory (mode auto) or always. The image size must be a multiple of the DC-AE f.")
+    DESCRIPTION = ("Encode an IMAGE to a DC-AE LATENT, in overlapping tiles when needed; width and height must be multiples "
+                   "of the DC-AE f.")
+    OUTPUT_TOOLTIPS = ("The DC-AE latent, for img2img with the DC-Gen Sampler.",)
+    SEARCH_ALIASES = ["dcgen", "dc-ae", "vae encode", "tiled", "encode", "img2img", "4k"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
@@ -53,7 +57,7 @@ class DCAEEncodeTiled:
         return {"required": {
             "pixels": ("IMAGE", {"tooltip": "Width and height must be multiples of the DC-AE f (e.g. 64 for "
                                             "f64c128); crop or scale first."}),
-            "vae": ("VAE", {"tooltip": "The DC-AE VAE (from Load DC-AE VAE)."}),
+            "vae": ("VAE", {"tooltip": "The DC-AE VAE (from DC-Gen Load DC-AE)."}),
             **_tiling_inputs(),
         }}
 
@@ -62,6 +66,6 @@ class DCAEEncodeTiled:
 
 
 VAE_NODES = {
-    "DCGenDCAEDecodeTiled": (DCAEDecodeTiled, "DC-AE Decode (Tiled)"),
-    "DCGenDCAEEncodeTiled": (DCAEEncodeTiled, "DC-AE Encode (Tiled)"),
+    "DCGenDCAEDecodeTiled": (DCAEDecodeTiled, "DC-Gen DC-AE Decode"),
+    "DCGenDCAEEncodeTiled": (DCAEEncodeTiled, "DC-Gen DC-AE Encode"),
 }

@@ -9,7 +9,7 @@ once with the legacy ModelPatcher, on the same weights, noise and conditioning:
 - the pack's own loader (tiny DC-Gen-FLUX, fp32) + DC-AE VAE;
 - the pack's loader for a base FLUX + a DC-Gen LoRA that carries the aligned embedding;
 - core Load Diffusion Model (UNETLoader) on a full-width FLUX file (1 double + 1 single block, bf16)
-  + Apply DC-Gen Aligned Embedding + Load DC-Gen LoRA, i.e. patching a core model that lives on a
+  + DC-Gen Add Embedding + DC-Gen Load LoRA, i.e. patching a core model that lives on a
   dynamic patcher.
 
 Prints the patcher classes, max |dynamic - legacy| of latents and images, and peak VRAM; exits 0 when

@@ -5,7 +5,8 @@
 For each workflow in workflows/: nodes go into labelled groups, one per stage, left to right
 (columns of nodes inside a group), sized for their slots and widgets so that none overlaps
 another; the explanatory note sits at the top left, inside the view the editor opens with;
-each workflow gets its own id. Then `<workflow>.jpg` is drawn beside it: a diagram of the
+each workflow gets its own id; each loader's `properties.models` (the editor's missing-models
+dialog and download buttons) comes from the model table in dcgen_core/tools/models.py. Then `<workflow>.jpg` is drawn beside it: a diagram of the
 stages, nodes and links (the template browser shows it on the workflow's card). Widget values
 and links are kept as they are. `--check` exits 1 when a file would change.
 """
@@ -21,6 +22,9 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = os.path.join(ROOT, "workflows")
+sys.path.insert(0, ROOT)
+from dcgen_core.tools.models import JOBS, job_files, lookup, properties_models, readme_table, workflow_file_names  # noqa: E402 (torch-free)
+from dcgen_core.tools.workflows import FILE_WIDGETS  # noqa: E402
 
 # stage title -> columns of node ids, left to right; stages are laid left to right
 STAGES = {
@@ -45,6 +49,17 @@ STAGES = {
     "dcgen-flux-1k-upscale-4k-refine.json": [
         ("Prompt", [[4, 5]]), ("1K draft", [[2, 3], [6]]), ("Upscale", [[7, 8], [9]]),
         ("4K refine (img2img)", [[10, 11], [12], [13]]), ("Save", [[14]])],
+    "dcgen-qwen-image-edit.json": [
+        ("Load DC-Gen-Qwen-Image-Edit + DC-AE + Qwen2.5-VL", [[2, 3], [4]]), ("Image and instruction", [[5], [6]]),
+        ("Sample: 30 steps, true CFG 3.5", [[7]]), ("Decode and save", [[8], [9]])],
+    "dcgen-wan-t2v.json": [
+        ("Load DC-Gen-Wan t2v + DC-AE-V + UMT5", [[2, 3], [4]]), ("Prompt + the authors' negative", [[5, 6]]),
+        ("Sample 704x1280 x 81: UniPC, 20 steps, CFG 5", [[7, 8], [9, 10], [11, 12]]),
+        ("Decode and save WEBM", [[13], [14]])],
+    "dcgen-wan-i2v.json": [
+        ("Load DC-Gen-Wan i2v + DC-AE-V + UMT5", [[2, 3], [4]]), ("Start image + CLIP vision", [[7], [8, 9]]),
+        ("Prompt + the authors' negative", [[5, 6]]), ("Image-to-video condition", [[10]]),
+        ("Sample: UniPC, 20 steps, CFG 5", [[11, 12], [13, 14], [15]]), ("Decode and save WEBM", [[16], [17]])],
     "dcgen-flux-controlnet-chain.json": [
         ("Prompt", [[4, 5]]), ("DC-Gen 1K draft", [[2, 3], [6]]), ("ControlNet hint", [[7, 8, 9], [10, 11, 12]]),
         ("FLUX.1 + ControlNet", [[13, 14], [15]]), ("Decode and save", [[16], [17]])],
@@ -55,6 +70,8 @@ TITLES = {  # node titles where the type alone does not say the node's role
     "dcgen-flux-controlnet-chain.json": {6: "DC-Gen Sampler: 1K draft", 15: "KSampler: FLUX.1 + ControlNet"},
     "sana-1k-t2i.json": {5: "CLIP Text Encode (positive)", 6: "CLIP Text Encode (negative)"},
     "dcgen-sana-4k-t2i.json": {7: "CLIP Text Encode (positive)", 8: "CLIP Text Encode (negative)"},
+    "dcgen-wan-t2v.json": {5: "CLIP Text Encode (positive)", 6: "CLIP Text Encode (negative)"},
+    "dcgen-wan-i2v.json": {5: "CLIP Text Encode (positive)", 6: "CLIP Text Encode (negative)"},
 }
 GROUP_COLORS = ["#3f789e", "#8a6d3b", "#3f7f5f", "#7e5a9b", "#a1583f"]
 
@@ -82,7 +99,43 @@ def node_size(node: dict) -> list[int]:
     return [max(w, mw), max(h, mh)]
 
 
+def set_model_properties(wf: dict) -> None:
+    """Each loader's ``properties.models`` from the pack's model table (dcgen_core/tools/models.py): name, direct URL
+    and folder of every published single file it names, the form the editor's missing-models dialog reads."""
+    for n in wf["nodes"]:
+        folders = [kind for (cls, _), kind in FILE_WIDGETS.items() if cls == n["type"]]
+        files = [(kind, v) for v in n.get("widgets_values") or [] if isinstance(v, str) for kind in folders]
+        models = properties_models(files)
+        props = n.setdefault("properties", {})
+        if models:
+            props["models"] = models
+        else:
+            props.pop("models", None)
+
+
+NOTE_FILES = "Get the files the editor cannot download (in ComfyUI's folder; python -m dcgen_core.doctor checks them):"
+
+
+def set_note_files(wf: dict) -> None:
+    """The note ends with how to get each file the editor cannot offer for download (a diffusers folder, a file the
+    user makes, an unpublished one), from the model table, unless the note's own text already gives that command."""
+    note = next((n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")), None)
+    if note is None:
+        return
+    base = str(note["widgets_values"][0]).split("\n" + NOTE_FILES)[0]
+    lines = []
+    for folder, name in workflow_file_names(wf, FILE_WIDGETS):
+        m = lookup(folder, name)
+        if m.url or (m.get and all(part in base for part in m.get.split(" && "))):
+            continue
+        how = m.get if m.get else f"{m.what} ({m.page})"
+        lines.append(f"models/{m.folder}/{m.name}: {how}")
+    note["widgets_values"][0] = base + ("\n" + NOTE_FILES + "\n" + "\n".join(lines) if lines else "")
+
+
 def layout(name: str, wf: dict) -> dict:
+    set_model_properties(wf)
+    set_note_files(wf)
     nodes = {n["id"]: n for n in wf["nodes"]}
     notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     placed = {n["id"] for n in notes}
@@ -195,6 +248,27 @@ def draw_thumbnail(wf: dict, path: str, size=(768, 432)):
     img.save(path, "JPEG", quality=90)
 
 
+README = os.path.join(ROOT, "README.md")
+
+
+def _read_workflow(name: str) -> dict:
+    with open(os.path.join(WORKFLOWS, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def readme_with_model_tables(text: str) -> str:
+    """README.md with each job's model table (between <!-- models:JOB --> and <!-- /models:JOB -->) from the table."""
+    for job, _, _ in JOBS:
+        start, end = f"<!-- models:{job} -->", f"<!-- /models:{job} -->"
+        if start not in text or end not in text:
+            raise SystemExit(f"README.md: no '{start}' ... '{end}' block for the quick start of job '{job}'")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        files = job_files(job, _read_workflow, FILE_WIDGETS)
+        text = f"{head}{start}\n{readme_table(files)}\n{end}{tail}"
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="report files that would change, write nothing")
@@ -212,6 +286,14 @@ def main(argv=None) -> int:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
             draw_thumbnail(json.loads(text), thumb)
+    with open(README, encoding="utf-8") as f:
+        readme = f.read()
+    tables = readme_with_model_tables(readme)
+    if tables != readme:
+        stale.append("README.md (model tables)")
+        if not a.check:
+            with open(README, "w", encoding="utf-8") as f:
+                f.write(tables)
     if a.check and stale:
         print("out of date:", ", ".join(stale))
         return 1

@@ -120,7 +120,7 @@ NODE_CLASS_MAPPINGS["TestMaskedEmbeds"] = TestMaskedEmbeds
 
 
 def tiny_sana_text_encoder_loader():
-    """Load SANA Text Encoder's inputs (shipped workflows run unchanged), a tiny encoder of the tiny SANA's width."""
+    """DC-Gen Load Gemma-2's inputs (shipped workflows run unchanged), a tiny encoder of the tiny SANA's width."""
     from tiny import SANA_CAPTION
 
     return smoke.tiny_sana_text_encoder_loader(SANA_CAPTION)

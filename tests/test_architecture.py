@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Longest a module of the pack may be (physical lines). Split by concern, not by size alone.
 MAX_LINES = 500
 #: ``python -m dcgen_core.<name>`` entry points (README); each is a thin module importing its tool.
-ENTRY_POINTS = ("quantize", "extract", "train", "doctor", "headless")
+ENTRY_POINTS = ("quantize", "extract", "train", "doctor", "headless", "convert")
 #: What a model family package holds besides its own extras (ARCHITECTURE.md, "Adding a model family").
 FAMILY_MODULES = ("architecture", "keys", "comfy_model", "dcgen")
 ALLOWED = {

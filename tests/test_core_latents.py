@@ -49,7 +49,7 @@ def test_core_empty_latent_off_the_dcae_grid_is_refused(comfyui, comfy_models):
     with pytest.raises(RuntimeError) as err:
         comfyui.runtime.run(_prompt(comfy_models, key, latent))
     message = str(err.value)
-    assert "multiple of 32" in message and "1000x512" in message and "Empty DC-AE Latent Image" in message
+    assert "multiple of 32" in message and "1000x512" in message and "DC-Gen Empty Latent" in message
 
 
 def test_dcae_latent_format_declares_its_grid(comfyui, comfy_models):

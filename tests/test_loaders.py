@@ -1,4 +1,4 @@
-"""Load DC-Gen Diffusion Model: file layouts, weight dtype, memory-mapped loading, schedule wiring."""
+"""DC-Gen Load Model: file layouts, weight dtype, memory-mapped loading, schedule wiring."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""DC-Gen Sampler (4K): the official 4K schedule (FLUX resolution shift) on a DC-AE-1.5 f64c128 model,
+"""DC-Gen Sampler 4K: the official 4K schedule (FLUX resolution shift) on a DC-AE-1.5 f64c128 model,
 text-to-image and img2img, against the authors' pipeline in diffusers; sizes and bad input."""
 
 

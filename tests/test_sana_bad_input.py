@@ -75,7 +75,7 @@ def test_flux_text_encoder_on_sana(comfyui, sana_model):
         _sample(comfyui, m, torch.randn(1, 7, 4096))
     msg = str(e.value)
     assert "expected text embeddings of width 24" in msg and "found 4096 (T5-XXL)" in msg, msg
-    assert "Load SANA Text Encoder" in msg
+    assert "DC-Gen Load Gemma-2" in msg
 
 
 def test_sana_sampler_without_negative(comfyui, sana_model):

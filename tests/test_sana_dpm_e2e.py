@@ -6,7 +6,7 @@ fixed Gemma-width prompt embeddings (300 tokens, padded and masked) and a negati
 ``SanaTransformer2DModel`` (2 layers, caption 2304) and the tiny DC-AE f32c32. The pipeline starts from the noise
 itself and feeds the transformer the scheduler's integer timesteps.
 
-Ours: Load SANA Diffusion Model -> CFGGuider (cfg 4.5) + DC-Gen Flow Sigmas ('dpm-solver++ flow') + DC-Gen
+Ours: DC-Gen Load SANA -> CFGGuider (cfg 4.5) + DC-Gen Flow Sigmas ('dpm-solver++ flow') + DC-Gen
 DPM-Solver++ Flow (SANA) + RandomNoise -> SamplerCustomAdvanced -> core VAE Decode. Images in [0, 1] within 1e-3
 max abs, fp32 CPU. The core SamplerDPMPP_2M_SDE (eta 0, midpoint) route is kept as a measured contrast: the same
 solver steps, but the model sees 1000 * sigma and the start is sigma0 * noise.

@@ -1,7 +1,7 @@
 """SANA through ComfyUI's executor vs the authors' diffusers pipeline pieces, on the same weights, noise and text.
 
 A tiny random SANA (diffusers folder; and the original NVlabs/Sana key layout) with a tiny DC-AE f32c32. Ours:
-Load SANA Diffusion Model -> CFGGuider (cfg 4.5) + euler + DC-Gen Flow Sigmas (shift 3.0) + RandomNoise ->
+DC-Gen Load SANA -> CFGGuider (cfg 4.5) + euler + DC-Gen Flow Sigmas (shift 3.0) + RandomNoise ->
 SamplerCustomAdvanced -> core VAE Decode. Reference: SanaTransformer2DModel + FlowMatchEulerDiscreteScheduler(shift
 3.0) with classifier-free guidance on (negative, positive) embeddings and masks, AutoencoderDC.decode(latents /
 scaling). Tolerance: images (in [0, 1]) within 1e-3 max abs, fp32 CPU.

@@ -1,4 +1,4 @@
-"""Original NVlabs/Sana checkpoints at 512 px, 1K, 2K and 4K, with no config.json, through Load SANA Diffusion Model vs
+"""Original NVlabs/Sana checkpoints at 512 px, 1K, 2K and 4K, with no config.json, through DC-Gen Load SANA vs
 the SanaTransformer2DModel that diffusers' ``scripts/convert_sana_to_diffusers.py`` builds from the same file.
 
 What the files hold (NVlabs ``Sana.__init__`` / ``initialize_weights`` and configs/sana_config/*): a ``pos_embed``
@@ -151,7 +151,7 @@ def test_half_precision_buffer(comfyui, tmp_path, pe_dtype):
 
 @pytest.mark.parametrize("image_size", [1024, 2048, 4096])
 def test_original_file_image_through_executor(comfyui, comfy_models, tiny_vae, image_size):
-    """Load SANA Diffusion Model on the original file -> CFGGuider + euler + DC-Gen Flow Sigmas -> VAE Decode, vs
+    """DC-Gen Load SANA on the original file -> CFGGuider + euler + DC-Gen Flow Sigmas -> VAE Decode, vs
     the converter's transformer in the diffusers pipeline pieces (test_sana_e2e.reference)."""
     from test_sana_e2e import _embeds, _prompt, reference
 

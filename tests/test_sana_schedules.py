@@ -15,7 +15,7 @@ Findings (both ComfyUI versions, fp32 CPU):
 * What remains against SanaPipeline is in the model's inputs, not the solver: the pipeline starts from the noise
   itself (ComfyUI: sigma0 * noise, sigma0 = 0.99967 at shift 3) and feeds integer timesteps int(1000 sigma)
   (ComfyUI: 1000 sigma).
-* The pack's DC-Gen DPM-Solver++ Flow (SANA) sampler does both: == the SanaPipeline loop (start = noise, integer
+* The pack's DC-Gen DPM++ Flow sampler does both: == the SanaPipeline loop (start = noise, integer
   timesteps), step for step. On a SANA transformer: tests/test_sana_dpm_e2e.py.
 """
 
@@ -252,7 +252,7 @@ def test_sana_pipeline_differs_only_in_model_inputs(comfyui, sana_sampling, step
     assert 1e-5 < max_diff(ours, timesteps_aligned) < 1e-2
 
 
-# --- the pack's official-scheduler sampler (DC-Gen DPM-Solver++ Flow) -------------------------------------------
+# --- the pack's official-scheduler sampler (DC-Gen DPM++ Flow) -------------------------------------------
 
 def official_node(comfyui, solver_type="midpoint"):
     return comfyui.runtime.node_classes["DCGenDPMSolverFlowSampler"]().run(solver_type)[0]

@@ -102,7 +102,7 @@ def test_svdquant_base_plus_embedding_and_lora_matches_diffusers(comfyui, comfy_
 
 
 def test_svdquant_folder_is_offered_once_and_loads_through_the_4bit_loader_only(comfyui, svdq):
-    """nunchaku's pre-v1 folder: listed once in diffusion_models (not its two halves); Load DC-Gen Diffusion Model
+    """nunchaku's pre-v1 folder: listed once in diffusion_models (not its two halves); DC-Gen Load Model
     sends it to the NVFP4 loader, which loads it (no loop of loaders pointing at each other)."""
     from dcgen_core.flux.comfy_model import load_flux_transformer
     from dcgen_core.flux.four_bit import load_4bit_flux
@@ -111,7 +111,7 @@ def test_svdquant_folder_is_offered_once_and_loads_through_the_4bit_loader_only(
     offered = nodes["DCGenNVFP4ModelLoader"].INPUT_TYPES()["required"]["unet_name"][0]
     assert FOLDER in offered and not any(n.startswith(FOLDER + "/") for n in offered)
     assert FOLDER in nodes["DCGenModelLoader"].INPUT_TYPES()["required"]["unet_name"][0]
-    with pytest.raises(DCGenError, match=r"Load DC-Gen Diffusion Model \(NVFP4\)"):
+    with pytest.raises(DCGenError, match=r"DC-Gen Load 4-bit"):
         load_flux_transformer(svdq.path("folder"))
     m = load_4bit_flux(svdq.path("folder"), svdquant_backend="torch")
     info = m.model_options["dcgen_quantization"]
@@ -135,7 +135,7 @@ def test_svdquant_folder_halves_and_gaps_name_the_fix(comfyui, svdq, tmp_path):
             msg = str(e.value)
             assert str(half / name) in msg and "pre-v1 folder" in msg and f"load the folder {half}" in msg, msg
             assert f"python -m nunchaku.merge_safetensors -i {half} -m NunchakuFluxTransformer2dModel" in msg, msg
-            assert "Load DC-Gen Diffusion Model" not in msg, msg  # no pointer to another loader
+            assert "DC-Gen Load Model" not in msg, msg  # no pointer to another loader
     # the folder itself, missing a file: the files it has and the one it lacks
     with pytest.raises(DCGenError, match=r"found comfy_config.json, transformer_blocks.safetensors, "
                                          r"unquantized_layers.safetensors; missing config.json"):

@@ -1,4 +1,4 @@
-"""Load DC-AE VAE gives a core VAE: VAEEncode, VAEDecode, VAEDecodeTiled, latent previews."""
+"""DC-Gen Load DC-AE gives a core VAE: VAEEncode, VAEDecode, VAEDecodeTiled, latent previews."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""DC-AE Decode (Tiled) / DC-AE Encode (Tiled) in real ComfyUI.
+"""DC-Gen DC-AE Decode / DC-Gen DC-AE Encode in real ComfyUI.
 
 A tiny conv-only DC-AE-1.5 (f = 64, 128 latent channels) tiles exactly once a
 quarter of the overlap covers the decoder's reach: tiled == untiled == core
@@ -136,9 +136,9 @@ def test_vae_that_is_not_a_dcae(comfyui, latent):
 
     kl = comfy.sd.VAE(sd={})  # a core VAE object (defaults: 4-ch latent at 1/8), e.g. the FLUX/SD VAE
     err = comfyui.core.shared.errors.DCGenError
-    with pytest.raises(err, match=r"DC-AE Decode \(Tiled\): vae: expected a DC-AE VAE .* found .* 4 latent channels"):
+    with pytest.raises(err, match=r"DC-Gen DC-AE Decode: vae: expected a DC-AE VAE .* found .* 4 latent channels"):
         _decode(comfyui, kl, latent, "auto")
-    with pytest.raises(err, match=r"DC-AE Encode \(Tiled\): vae: expected a DC-AE VAE"):
+    with pytest.raises(err, match=r"DC-Gen DC-AE Encode: vae: expected a DC-AE VAE"):
         _encode(comfyui, kl, _smooth_image(64, 64), "auto")
 
 
@@ -169,8 +169,8 @@ def test_encode_size_not_on_the_latent_grid(comfyui, vae15):
 def test_nodes_in_a_prompt(comfyui, vae15):
     """Registered with their display names; widgets validate and run through ComfyUI's executor."""
     names = comfyui.pack.NODE_DISPLAY_NAME_MAPPINGS
-    assert names["DCGenDCAEDecodeTiled"] == "DC-AE Decode (Tiled)"
-    assert names["DCGenDCAEEncodeTiled"] == "DC-AE Encode (Tiled)"
+    assert names["DCGenDCAEDecodeTiled"] == "DC-Gen DC-AE Decode"
+    assert names["DCGenDCAEEncodeTiled"] == "DC-Gen DC-AE Encode"
     pixels = _smooth_image(128, 256, seed=7)
     comfyui.test_nodes.IMAGES["tiled-nodes"] = pixels
     tiling = {"mode": "always", "tile_size": 128, "overlap": 0}

@@ -180,7 +180,7 @@ def dcgen_4k():
 
 
 def test_4k_workflow_runs_headless(comfyui, dcgen_4k):
-    """4K text-to-image: Res4K transformer folder + DC-AE-1.5 through the DC-Gen Sampler (4K), decoded by it."""
+    """4K text-to-image: Res4K transformer folder + DC-AE-1.5 through the DC-Gen Sampler 4K, decoded by it."""
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-4k-t2i.json"))
     _place_dcgen(comfyui, _widget(wf, "DCGenModelLoader", 0), _widget(wf, "DCGenDCAELoader", 0), *dcgen_4k)
     _text_encoders(comfyui, wf, (tiny.TEXT_DIM, tiny.POOLED_DIM))
@@ -191,7 +191,7 @@ def test_4k_workflow_runs_headless(comfyui, dcgen_4k):
 
 def test_4k_nvfp4_workflow_runs_headless(comfyui, dcgen_4k, tmp_path):
     """4K in 4-bit: the Res4K transformer quantized by `python -m dcgen_core.quantize` into the file the workflow
-    names, loaded by Load DC-Gen Diffusion Model (NVFP4), sampled and decoded by the DC-Gen Sampler (4K)."""
+    names, loaded by DC-Gen Load 4-bit, sampled and decoded by the DC-Gen Sampler 4K."""
     from dcgen_core.flux.quantize import quantize_flux
 
     wf = _load(os.path.join(WORKFLOWS, "dcgen-flux-4k-nvfp4.json"))
@@ -266,7 +266,7 @@ def test_sana_workflow_runs_headless(comfyui, tiny_vae):
 
 
 def test_dcgen_sana_4k_workflow_runs_headless(comfyui, dcgen_4k):
-    """DC-Gen-SANA 4K: SANA + 128-channel aligned embedding + DC-Gen LoRA -> DC-Gen Sampler (4K) with the negative
+    """DC-Gen-SANA 4K: SANA + 128-channel aligned embedding + DC-Gen LoRA -> DC-Gen Sampler 4K with the negative
     (cfg 4.5) -> decoded by its DC-AE-1.5 f64c128."""
     wf = _load(os.path.join(WORKFLOWS, "dcgen-sana-4k-t2i.json"))
     sana = tiny.tiny_sana()
@@ -280,3 +280,89 @@ def test_dcgen_sana_4k_workflow_runs_headless(comfyui, dcgen_4k):
     outputs = _run(comfyui, wf, {("DCGenSampler", "width"): 256, ("DCGenSampler", "height"): 192,
                                  ("DCGenSampler", "steps"): 2})
     _assert_saved_image(comfyui, outputs, (256, 192))
+
+
+def _assert_saved_video(comfyui, outputs, size, frames):
+    """The one video the workflow saved (Save WEBM): ``frames`` frames of (width, height) ``size``, not a constant."""
+    import av
+    import numpy as np
+
+    videos = [v for out in outputs.values() for v in out.get("images", []) if v["filename"].endswith(".webm")]
+    assert len(videos) == 1, outputs
+    path = os.path.join(comfyui.output, videos[0].get("subfolder", ""), videos[0]["filename"])
+    with av.open(path) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == frames
+    assert decoded[0].shape == (size[1], size[0], 3)
+    clip = np.stack(decoded).astype(np.float32)
+    assert clip.max() - clip.min() > 16  # a video, not a constant
+
+
+def _wan_files(comfyui, wf, i2v: bool):
+    """The tiny files the Wan workflow names: a diffusers WanTransformer3DModel with DC-Gen's channel layout (and
+    scheduler/ beside it) and a tiny DC-AE-V of the authors' own modules in their .pt form."""
+    import tiny_video
+    from authors_dc_gen import dc_videogen
+
+    from dcgen_core.tools.smoke_video import TINY_WAN
+
+    assert tiny_video.tiny_wan(False).config.text_dim == TINY_WAN["text_dim"]  # the stand-in encoder's width
+    _place(comfyui, "diffusion_models", _widget(wf, "DCGenWanModelLoader", 0),
+           lambda p: tiny_video.save_wan_folder(tiny_video.tiny_wan(i2v, seed=11), p))
+    vae = tiny_video.authors_model(dc_videogen("dc_ae_v"), seed=12)
+    _place(comfyui, "vae", _widget(wf, "DCGenDCAEVLoader", 0), lambda p: tiny_video.save_pt(vae, p))
+
+
+def _run_wan(comfyui, wf, overrides):
+    """Run with tiny stand-ins for UMT5-XXL (Load CLIP type wan) and CLIP ViT-H/14 (Load CLIP Vision), the ones
+    `doctor --smoke` uses: ComfyUI builds both at their full size from fixed configs."""
+    from dcgen_core.tools.smoke_video import tiny_clip_vision_loader, tiny_wan_clip_loader
+
+    saved = {k: comfyui.runtime.node_classes.get(k) for k in ("CLIPLoader", "CLIPVisionLoader")}
+    comfyui.runtime.node_classes.update({"CLIPLoader": tiny_wan_clip_loader(),
+                                         "CLIPVisionLoader": tiny_clip_vision_loader()})
+    try:
+        return _run(comfyui, wf, overrides)
+    finally:
+        comfyui.runtime.node_classes.update(saved)
+
+
+def test_wan_t2v_workflow_runs_headless(comfyui):
+    """DC-Gen-Wan t2v as shipped (DC-Gen Load DC-AE-V from the authors' .pt, DC-Gen Load Wan from a diffusers folder,
+    CFG 5 with the authors' negative, DC-Gen UniPC Flow + Sigmas, VAE Decode, Save WEBM) at 96x64 and 9 frames:
+    the WEBM has 8 frames (floored to a multiple of 4) of 96x64."""
+    wf = _load(os.path.join(WORKFLOWS, "dcgen-wan-t2v.json"))
+    assert _widget(wf, "CFGGuider", 0) == 5.0 and _widget(wf, "DCGenUniPCFlowSigmas", 0) == 20
+    assert (_widget(wf, "DCGenEmptyDCAEVLatentVideo", 0), _widget(wf, "DCGenEmptyDCAEVLatentVideo", 1),
+            _widget(wf, "DCGenEmptyDCAEVLatentVideo", 2)) == (1280, 720, 81)
+    assert "walking backwards" in _widgets(wf, "CLIPTextEncode", 0)[1]  # the authors' negative prompt
+    _wan_files(comfyui, wf, i2v=False)
+    outputs = _run_wan(comfyui, wf, {("DCGenEmptyDCAEVLatentVideo", "width"): 96,
+                                     ("DCGenEmptyDCAEVLatentVideo", "height"): 64,
+                                     ("DCGenEmptyDCAEVLatentVideo", "length"): 9, ("DCGenUniPCFlowSigmas", "steps"): 3})
+    _assert_saved_video(comfyui, outputs, (96, 64), 8)
+
+
+def test_wan_i2v_workflow_runs_headless(comfyui, tmp_path):
+    """DC-Gen-Wan i2v as shipped: Load Image -> CLIP Vision Encode + DC-Gen Wan I2V (the DC-AE-V condition and mask)
+    -> CFG 5, UniPC -> VAE Decode -> Save WEBM, at 64x96 and 8 frames."""
+    import folder_paths
+    from PIL import Image
+
+    import tiny_video
+
+    wf = _load(os.path.join(WORKFLOWS, "dcgen-wan-i2v.json"))
+    assert _widget(wf, "CFGGuider", 0) == 5.0 and _widget(wf, "DCGenUniPCFlowSigmas", 0) == 20
+    assert _widget(wf, "DCGenWanImageToVideo", 2) == 81
+    _wan_files(comfyui, wf, i2v=True)
+    before = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path))
+    try:
+        frame = (tiny_video.smooth_video(1, 80, 120, seed=3)[0].numpy() * 255).round().astype("uint8")
+        Image.fromarray(frame).save(os.path.join(str(tmp_path), _widget(wf, "LoadImage", 0)))
+        outputs = _run_wan(comfyui, wf, {("DCGenWanImageToVideo", "width"): 64,
+                                         ("DCGenWanImageToVideo", "height"): 96,
+                                         ("DCGenWanImageToVideo", "length"): 8, ("DCGenUniPCFlowSigmas", "steps"): 3})
+    finally:
+        folder_paths.set_input_directory(before)
+    _assert_saved_video(comfyui, outputs, (64, 96), 8)

@@ -95,13 +95,15 @@ def read_flux_checkpoint(path: str):
     half = split_file_hint(path)  # one of the two files of nunchaku's pre-v1 folder, picked alone
     if four_bit:
         raise DCGenError(f"{path}: expected a bf16/fp16/fp32 FLUX transformer, found a 4-bit {four_bit} file."
-                         f"{half or ' Load it with Load DC-Gen Diffusion Model (NVFP4).'}")
+                         f"{half or ' Load it with DC-Gen Load 4-bit.'}")
     if is_diffusers_flux(sd):
         sd = diffusers_to_bfl(sd, lazy=True)
     elif not is_bfl_flux(sd):
         sample = ", ".join(sorted(sd)[:3])
+        qwen = (" (a Qwen-Image transformer: load DC-Gen-Qwen-Image-Edit with DC-Gen Load Qwen)"
+                if "txt_norm.weight" in sd else "")
         raise DCGenError(f"{path}: expected a FLUX transformer (diffusers or BFL/ComfyUI keys), found keys like "
-                         f"{sample}.{half}")
+                         f"{sample}{qwen}.{half}")
     return sd, flux_config_from_state_dict(sd, ckpt.config), ckpt
 
 

@@ -3,7 +3,7 @@
 An NVFP4 file (made by ``python -m dcgen_core.quantize``, or any ComfyUI NVFP4 FLUX) is built with the
 operations :func:`.ops.operations_for` picks; its weights stay 4-bit in memory. A DC-Gen file's header
 carries its DC-AE facts (latent channels, scaling), so it samples DC-AE latents as loaded; a base FLUX file
-becomes a DC-Gen model through Apply DC-Gen Aligned Embedding + Load DC-Gen LoRA, as in bf16.
+becomes a DC-Gen model through DC-Gen Add Embedding + DC-Gen Load LoRA, as in bf16.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def load_4bit_flux(path: str, vae=None, svdquant_backend: str = "auto", ops: str
         raise DCGenError(f"{path}: expected a single 4-bit .safetensors file or nunchaku's pre-v1 SVDQuant folder "
                          f"(transformer_blocks.safetensors + unquantized_layers.safetensors + config.json), found "
                          f"{'another folder' if os.path.isdir(path) else 'another kind of file'}. Load bf16 "
-                         "diffusers folders with Load DC-Gen Diffusion Model.")
+                         "diffusers folders with DC-Gen Load Model.")
     kind = weight_format([k for k in header if k != "__metadata__"], header.get("__metadata__") or {})
     if kind == "svdquant":
         from .svdquant import load_svdquant_flux
@@ -171,6 +171,6 @@ def load_4bit_flux(path: str, vae=None, svdquant_backend: str = "auto", ops: str
         dtypes = sorted({v.get("dtype", "?") for k, v in header.items() if k != "__metadata__"})
         raise DCGenError(f"{path}: expected a 4-bit file (NVFP4 with per-layer comfy_quant entries or a "
                          f"_quantization_metadata header, or nunchaku SVDQuant qweight/wscales), found a plain "
-                         f"checkpoint ({', '.join(dtypes)}). Load it with Load DC-Gen Diffusion Model, or quantize "
+                         f"checkpoint ({', '.join(dtypes)}). Load it with DC-Gen Load Model, or quantize "
                          "it: python -m dcgen_core.quantize IN OUT --format nvfp4")
     return load_nvfp4_flux(path, vae=vae, ops=ops)

@@ -7,7 +7,7 @@ single blocks' ``linear1`` is nunchaku's ``qkv_proj`` + ``mlp_fc1`` (rows) and `
 ``mlp_fc2`` (input columns, outputs summed). It runs nunchaku's CUDA kernels when nunchaku is installed and
 supports the GPU, otherwise dequantizes each layer in pure torch (weight-only: activations are not quantized, so
 results differ from nunchaku's by its activation rounding). The bf16 rest (embedders, head, norms) loads as in the
-bf16 loader, so Apply DC-Gen Aligned Embedding and Load DC-Gen LoRA (a runtime low-rank term on 4-bit layers, as
+bf16 loader, so DC-Gen Add Embedding and DC-Gen Load LoRA (a runtime low-rank term on 4-bit layers, as
 nunchaku's own LoRA is a low-rank term) turn a base file into DC-Gen-FLUX.
 """
 

@@ -23,5 +23,5 @@ ARCHITECTURE = Architecture(
     apply_aligned_embedding=apply_aligned_embedding,
     lora_key_map=_lora_key_map,
     lora_example="transformer.transformer_blocks.0.attn1.to_q",
-    expected="a SANA model (Load SANA Diffusion Model)",
+    expected="a SANA model (DC-Gen Load SANA)",
 )

@@ -72,7 +72,7 @@ def comfy_classes():
 def require_sana(model, subject: str = "model") -> SanaTransformer:
     dm = model.get_model_object("diffusion_model")
     if not isinstance(dm, SanaTransformer):
-        raise DCGenError(f"{subject}: expected a SANA model (from Load SANA Diffusion Model), found "
+        raise DCGenError(f"{subject}: expected a SANA model (from DC-Gen Load SANA), found "
                          f"{type(model.model).__name__} with a {type(dm).__name__} transformer.")
     return dm
 
@@ -117,7 +117,7 @@ def _sana_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **
             check_size_for_model(info, latent_image.shape[-1] * f, latent_image.shape[-2] * f)
         dm = guider.model_patcher.get_model_object("diffusion_model")
         check_context_width(getattr(guider, "conds", {}) or {}, dm.config.caption_channels, "SANA",
-                            "Encode the prompt with Load SANA Text Encoder (Gemma-2-2B).")
+                            "Encode the prompt with DC-Gen Load Gemma-2 (Gemma-2-2B).")
     return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
 

@@ -118,13 +118,13 @@ def _load_dcae_patcher(path: str, variant: str, disable_dynamic: bool = False):
 
 
 def require_dcae(vae, subject: str = "vae"):
-    """The DC-AE config of a VAE from Load DC-AE VAE; a clear error for any other VAE."""
+    """The DC-AE config of a VAE from DC-Gen Load DC-AE; a clear error for any other VAE."""
     cfg = getattr(vae, "dcae_config", None)
     if cfg is None:
         model = getattr(vae, "first_stage_model", vae)
         channels, ratio = getattr(vae, "latent_channels", "?"), getattr(vae, "downscale_ratio", "?")
         raise DCGenError(
-            f"{subject}: expected a DC-AE VAE (from Load DC-AE VAE), found a {type(model).__name__} with "
+            f"{subject}: expected a DC-AE VAE (from DC-Gen Load DC-AE), found a {type(model).__name__} with "
             f"{channels} latent channels at 1/{ratio} resolution{_known_vae(channels, ratio)}.")
     return cfg
 
@@ -173,7 +173,7 @@ def zero_latent(batch: int, channels: int, width: int, height: int, f: int, subj
 def empty_dcae_latent(vae, width: int, height: int, batch_size: int = 1) -> torch.Tensor:
     cfg = require_dcae(vae)
     f = cfg.spatial_compression
-    subject = f"Empty DC-AE Latent ({cfg.variant}, f={f})"
+    subject = f"DC-Gen Empty Latent ({cfg.variant}, f={f})"
     check_resolution(width, height, f, subject=subject)
     return zero_latent(batch_size, cfg.latent_channels, width, height, f, subject)
 
@@ -267,7 +267,7 @@ def _run_dcae(vae, cfg, x: torch.Tensor, encode: bool, mode: str, tile_size: int
 
 
 def dcae_decode(vae, samples: torch.Tensor, mode: str = "auto", tile_size: int = 0, overlap: int = 512,
-                subject: str = "DC-AE Decode (Tiled)") -> torch.Tensor:
+                subject: str = "DC-Gen DC-AE Decode") -> torch.Tensor:
     """A DC-AE LATENT (B, C, h, w) -> ComfyUI IMAGE (B, h*f, w*f, 3) in [0, 1], as core VAE Decode does.
 
     ``mode``: ``auto`` tiles only when the untiled decode would not fit the device memory, ``always`` tiles,
@@ -284,7 +284,7 @@ def dcae_decode(vae, samples: torch.Tensor, mode: str = "auto", tile_size: int =
 
 
 def dcae_encode(vae, pixels: torch.Tensor, mode: str = "auto", tile_size: int = 0, overlap: int = 512,
-                subject: str = "DC-AE Encode (Tiled)") -> torch.Tensor:
+                subject: str = "DC-Gen DC-AE Encode") -> torch.Tensor:
     """A ComfyUI IMAGE (B, H, W, C) in [0, 1], H and W multiples of f -> raw DC-AE latent (B, C, H/f, W/f).
 
     Same conversion as core VAE Encode (x * 2 - 1; RGB only), but sizes off the latent grid are an error,

@@ -85,14 +85,14 @@ def check_flow(model, sigmas: torch.Tensor):
 
     sampling = _model_sampling(model)
     if sampling is not None and not isinstance(sampling, comfy.model_sampling.CONST):
-        raise DCGenError(f"DC-Gen DPM-Solver++ Flow: expected a flow-matching model (SANA, DC-Gen, FLUX, SD3), found "
+        raise DCGenError(f"DC-Gen DPM++ Flow: expected a flow-matching model (SANA, DC-Gen, FLUX, SD3), found "
                          f"{type(sampling).__name__} sampling; use a core sampler for this model.")
     s = sigmas.detach().to("cpu", torch.float64)
     if s.numel() and (float(s.max()) > 1.0 or float(s.min()) < 0.0):
-        raise DCGenError(f"DC-Gen DPM-Solver++ Flow: expected flow sigmas in [0, 1] (DC-Gen Flow Sigmas), found "
+        raise DCGenError(f"DC-Gen DPM++ Flow: expected flow sigmas in [0, 1] (DC-Gen Flow Sigmas), found "
                          f"{float(s.min()):.4g} .. {float(s.max()):.4g}.")
     if s.numel() > 1 and not bool((s[1:] < s[:-1]).all()):
-        raise DCGenError(f"DC-Gen DPM-Solver++ Flow: expected strictly decreasing sigmas (DC-Gen Flow Sigmas), found "
+        raise DCGenError(f"DC-Gen DPM++ Flow: expected strictly decreasing sigmas (DC-Gen Flow Sigmas), found "
                          f"{[round(v, 4) for v in s.tolist()]}.")
 
 

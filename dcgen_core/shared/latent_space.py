@@ -120,11 +120,11 @@ def _empty_latent_on_dcae_grid(latent: torch.Tensor, ratio: int, info: dict) -> 
     if h % f or w % f:
         raise DCGenError(
             f"empty LATENT: expected an image size that is a multiple of {f} (this DC-Gen model's DC-AE grid), found "
-            f"{w}x{h} from a {latent.shape[1]}-channel latent at 1/{ratio} scale. Use Empty DC-AE Latent Image with "
+            f"{w}x{h} from a {latent.shape[1]}-channel latent at 1/{ratio} scale. Use DC-Gen Empty Latent with "
             f"the DC-AE VAE, or a size like {max(f, round(w / f) * f)}x{max(f, round(h / f) * f)}.")
     check_size_for_model(info, w, h)
     logging.info("DC-Gen: empty %d-channel latent at 1/%d scale = a %dx%d image; sampling it as a %dx%dx%d DC-AE "
-                 "latent (Empty DC-AE Latent Image makes one directly).", latent.shape[1], ratio, w, h, c, h // f, w // f)
+                 "latent (DC-Gen Empty Latent makes one directly).", latent.shape[1], ratio, w, h, c, h // f, w // f)
     return torch.zeros(latent.shape[0], c, h // f, w // f, dtype=latent.dtype, device=latent.device)
 
 
@@ -145,6 +145,11 @@ def install_empty_latent_hook():
 
     def fix_empty_latent_channels(model, latent_image, *args, **kwargs):
         info = dcgen_info(model) if hasattr(model, "model_options") else None
+        if info is not None and info.get("temporal_compression"):  # a video model (DC-AE-V): 5-D latents only
+            from .comfy_vae_v import check_video_latent
+
+            check_video_latent(info, latent_image)
+            return original(model, latent_image, *args, **kwargs)
         if info is not None and isinstance(latent_image, torch.Tensor) and latent_image.ndim == 4 \
                 and not getattr(latent_image, "is_nested", False) and torch.count_nonzero(latent_image) == 0:
             args = list(args)
@@ -183,15 +188,15 @@ def check_latent_channels(latent: "torch.Tensor", latent_channels: int, subject:
     if latent.ndim == 4 and latent.shape[1] != latent_channels:
         raise DCGenError(
             f"{subject}: expected a DC-AE latent with {latent_channels} channels for this DC-Gen model, found "
-            f"{latent.shape[1]} channels (shape {list(latent.shape)}), a latent from another model. Use Empty DC-AE "
-            f"Latent Image, or VAE Encode with the DC-AE VAE the model was trained with.")
+            f"{latent.shape[1]} channels (shape {list(latent.shape)}), a latent from another model. Use DC-Gen Empty "
+            f"Latent, or VAE Encode with the DC-AE VAE the model was trained with.")
 
 
 def require_dcgen(model, subject: str = "model") -> dict:
     info = dcgen_info(model) if hasattr(model, "model_options") else None
     if info is None:
-        raise DCGenError(f"{subject}: expected a DC-Gen model (from Load DC-Gen Diffusion Model or Apply DC-Gen "
-                         f"Aligned Embedding), found a plain {type(getattr(model, 'model', model)).__name__}.")
+        raise DCGenError(f"{subject}: expected a DC-Gen model (from DC-Gen Load Model or DC-Gen "
+                         f"Add Embedding), found a plain {type(getattr(model, 'model', model)).__name__}.")
     return info
 
 

@@ -55,7 +55,8 @@ def sample(model, positive, width: int, height: int, steps: int, guidance: float
     if info.get("guidance") == "cfg":  # classifier-free guidance (SANA): guidance is the cfg scale (SANA: 4.5)
         if negative is None:
             raise DCGenError("negative: expected the negative prompt for a SANA model (CLIP Text Encode of \"\" with "
-                             "Load SANA Text Encoder: SANA uses classifier-free guidance), found none connected.")
+                             "DC-Gen Load Gemma-2: SANA uses classifier-free guidance) or DC-Gen-Qwen-Image-Edit (the "
+                             "negative of DC-Gen Qwen Edit Encode), found none connected.")
         cfg = guidance
     else:  # guidance-distilled FLUX runs at cfg 1 with its guidance embedding: the negative is never evaluated
         positive = node_helpers.conditioning_set_values(positive, {"guidance": guidance})

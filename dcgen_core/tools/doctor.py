@@ -21,7 +21,7 @@ import re
 import sys
 
 from .headless import PACK_DIR, boot, comfyui_path, comfyui_version_at, model_dirs_under
-from .workflows import check_workflow
+from .workflows import check_workflow, file_status, workflow_needs  # noqa: F401 (check_workflow: API)
 
 
 def _pack_version() -> str:
@@ -67,13 +67,29 @@ def report(workflows: list[str], runtime=None) -> tuple[list[str], int]:
     lines.append(f"ComfyUI-DC-Gen {_pack_version()} at {PACK_DIR}: {status}")
     lines += device_facts()
     problems = 0 if pack else 1
+    needed_by, status = {}, {}  # (folder, name) -> workflow names; -> (line, missing)
     for wf_path in workflows:
         with open(wf_path, encoding="utf-8") as f:
             wf = json.load(f)
-        wf_lines, n = check_workflow(wf, runtime.node_classes)
-        problems += n
-        lines.append(f"{os.path.basename(wf_path)}: {'OK' if n == 0 else f'{n} missing'}")
-        lines += wf_lines
+        type_lines, files = workflow_needs(wf, runtime.node_classes)
+        name = os.path.basename(wf_path)
+        missing = []
+        for kind, file, _node_id, _cls in files:
+            needed_by.setdefault((kind, file), []).append(name)
+            if (kind, file) not in status:
+                status[(kind, file)] = file_status(kind, file, "needed by <workflows>")
+            if status[(kind, file)][1]:
+                missing.append(f"{kind}/{file}")
+        problems += len(type_lines)
+        n = len(type_lines) + len(missing)
+        lines.append(f"{name}: " + ("OK" if n == 0 else f"{n} missing" + (f" ({', '.join(missing)})" if missing else "")))
+        lines += type_lines
+    if status:
+        lines.append("model files (each once, with the workflows that name it):")
+    for key, (line, missing) in sorted(status.items(), key=lambda kv: (-kv[1][1], kv[0])):
+        names = ", ".join(needed_by[key])
+        problems += missing
+        lines.append(line.replace("<workflows>", names) if missing else f"{line}  [{names}]")
     return lines, problems
 
 

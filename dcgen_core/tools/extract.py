@@ -1,4 +1,5 @@
-"""Extract the aligned embedding and a LoRA from a full DC-Gen-FLUX checkpoint and its base FLUX.
+"""Extract the aligned embedding and a LoRA from a full DC-Gen-FLUX (or DC-Gen-SANA: see extract_sana.py; or
+DC-Gen-Qwen-Image-Edit: see extract_qwen.py) checkpoint and its base model.
 
     python -m dcgen_core.extract FULL BASE OUT --rank R [--embedding-out E | --embed-in-lora]
 
@@ -9,15 +10,16 @@ diffusers or BFL keys). Written:
 * the aligned embedding (FULL's ``x_embedder`` / ``proj_out``, diffusers names, exact), to ``--embedding-out``
   (default: OUT with an ``-embedding`` suffix) or into the LoRA file (``--embed-in-lora``);
 * a LoRA of ``W_full - W_base`` (fp32) under diffusers module names ``transformer.<module>.lora_A/B.weight``:
-  every linear that differs gets a truncated SVD at rank R (all of it when the layer's rank is <= R: exact),
+  every linear that differs gets a truncated SVD at rank R (randomized by default, ``--svd exact`` for the exact
+  one; all of it when the layer's rank is <= R: exact),
   ``up = U sqrt(S)``, ``down = sqrt(S) V^T``, ``alpha`` = the module's rank (scale 1). Fused BFL weights are split
   back into their diffusers modules (q / k / v / proj_mlp rows), ``norm_out.linear`` into diffusers row order.
   RMSNorm scales that differ are stored whole as ``transformer.<module>.diff`` and biases that differ as
   ``diffusion_model.<BFL module>.diff_b`` (the whole, possibly fused, bias in ComfyUI's layout): ComfyUI's core
   LoRA reader applies both (v0.3.64 and v0.33), and so does the pack's.
 
-Base + embedding + LoRA through the pack's nodes (Load DC-Gen Diffusion Model on BASE -> Apply Aligned Embedding
--> Load DC-Gen LoRA at strength 1) is then FULL, up to the printed truncation error.
+Base + embedding + LoRA through the pack's nodes (DC-Gen Load Model on BASE -> DC-Gen Add Embedding
+-> DC-Gen Load LoRA at strength 1) is then FULL, up to the printed truncation error.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..shared.errors import DCGenError
 from ..flux.comfy_model import dcgen_channels, read_flux_checkpoint
 from ..flux.keys import (SCALE_SHIFT_SWAPPED_MODULES, diffusers_flux_module_names, diffusers_flux_module_to_bfl,
                          swap_scale_shift)
+from .lowrank import METHODS, low_rank
 
 SVD_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,8 +62,18 @@ def _is_embedding(key: str) -> bool:
 
 
 def default_embedding_path(out: str) -> str:
-    root, ext = os.path.splitext(out)
-    return f"{root}-embedding{ext or '.safetensors'}"
+    """Where the embedding goes when ``--embedding-out`` is not given: beside OUT, named like it with ``-lora``
+    replaced by ``-embedding`` (``x-lora.safetensors`` -> ``x-embedding.safetensors``; another name gets an
+    ``-embedding`` suffix); when OUT is in ComfyUI's ``models/loras``, in ``models/dcgen_embeddings`` instead
+    (the folder DC-Gen Add Embedding lists), so that the README's command writes the names the shipped
+    workflow ``dcgen-flux-1k-from-base-lora.json`` loads."""
+    folder, file = os.path.split(out)
+    root, ext = os.path.splitext(file)
+    root = root[: -len("-lora")] if root.endswith("-lora") and len(root) > len("-lora") else root
+    name = f"{root}-embedding{ext or '.safetensors'}"
+    if os.path.basename(os.path.normpath(folder or ".")) == "loras" and folder:
+        folder = os.path.join(os.path.dirname(os.path.normpath(folder)), "dcgen_embeddings")
+    return os.path.join(folder, name)
 
 
 def _describe(cfg) -> str:
@@ -120,20 +133,6 @@ def _save_dtype(sd_f: dict, name: str | None) -> torch.dtype:
     return torch.float32 if torch.float32 in dtypes else torch.bfloat16
 
 
-def low_rank(delta: torch.Tensor, rank: int, svd_dtype: torch.dtype = torch.float32, device: str = "cpu",
-             save_dtype: torch.dtype = torch.float32):
-    """(down [r, in], up [out, r], r, ||delta - up @ down||^2) with r = min(rank, out, in): a truncated SVD split
-    as up = U sqrt(S), down = sqrt(S) V^T, the error measured with the factors as stored (``save_dtype``)."""
-    d = delta.to(device=device, dtype=svd_dtype)
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = s[:r].sqrt()
-    up = (u[:, :r] * root).to(save_dtype)
-    down = (root[:, None] * vh[:r]).to(save_dtype)
-    err = (d - up.to(svd_dtype) @ down.to(svd_dtype)).square().sum().item()
-    return down.cpu(), up.cpu(), r, err
-
-
 def _resolve_device(device: str | None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,12 +141,15 @@ def _resolve_device(device: str | None) -> str:
 
 def extract(full: str, base: str, out: str, rank: int, *, device: str | None = None, dtype: str = "fp32",
             save_dtype: str | None = None, embedding_out: str | None = None, embed_in_lora: bool = False,
-            min_delta: float = 0.0, overwrite: bool = False, log=print) -> dict:
+            min_delta: float = 0.0, overwrite: bool = False, svd: str = "randomized", oversample: int = 10,
+            power_iters: int = 4, log=print) -> dict:
     """Write the aligned embedding and a rank-``rank`` LoRA of ``full - base``; returns a report.
 
     ``dtype``: the SVD's precision ("fp32" / "fp64"); ``save_dtype``: the LoRA factors' ("fp32", "bf16", "fp16";
     default FULL's weight dtype); ``min_delta``: layers with ||W_full - W_base|| / ||W_base|| below it are left out
-    (counted in the error); ``log``: called with each line printed (None: silent).
+    (counted in the error); ``svd``: "randomized" (``torch.svd_lowrank`` with ``rank + oversample`` columns and
+    ``power_iters`` power iterations; see :mod:`.lowrank`) or "exact"; ``log``: called with each line printed (None:
+    silent). Each layer's line and the summary give the achieved error and a lower bound on the exact SVD's.
     """
     log = log or (lambda *_: None)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -156,6 +158,8 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
         raise DCGenError(f"--dtype: expected one of {list(SVD_DTYPES)}, found '{dtype}'.")
     if not (min_delta >= 0 and math.isfinite(min_delta)):
         raise DCGenError(f"--min-delta: expected a relative difference >= 0, found {min_delta!r}.")
+    if svd not in METHODS:
+        raise DCGenError(f"--svd: expected one of {list(METHODS)}, found '{svd}'.")
     if embed_in_lora and embedding_out:
         raise DCGenError("--embedding-out and --embed-in-lora: expected one of them, found both.")
     emb_path = None if embed_in_lora else (embedding_out or default_embedding_path(out))
@@ -170,6 +174,20 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
         raise DCGenError(f"{out}: expected the embedding and the LoRA in different files (or --embed-in-lora).")
 
     svd_dtype, device = SVD_DTYPES[dtype], _resolve_device(device)
+    from .extract_qwen import extract_qwen, is_qwen_checkpoint
+    from .extract_sana import extract_sana, is_sana_checkpoint
+
+    if is_qwen_checkpoint(full) or is_qwen_checkpoint(base):
+        return extract_qwen(full, base, out, rank, emb_path=emb_path, embed_in_lora=embed_in_lora,
+                            svd_dtype=svd_dtype, device=device, save_dtype=save_dtype, save_dtypes=SAVE_DTYPES,
+                            min_delta=min_delta, svd=svd, oversample=oversample, power_iters=power_iters, log=log,
+                            write_embedding=_write_embedding, write_lora=_write_lora)
+
+    if is_sana_checkpoint(full) or is_sana_checkpoint(base):
+        return extract_sana(full, base, out, rank, emb_path=emb_path, embed_in_lora=embed_in_lora,
+                            svd_dtype=svd_dtype, device=device, save_dtype=save_dtype, save_dtypes=SAVE_DTYPES,
+                            min_delta=min_delta, svd=svd, oversample=oversample, power_iters=power_iters, log=log,
+                            write_embedding=_write_embedding, write_lora=_write_lora)
     sd_f, cfg_f, _ = read_flux_checkpoint(full)
     sd_b, cfg_b, _ = read_flux_checkpoint(base)
     sd_f = {_canonical(k): v for k, v in sd_f.items()}
@@ -197,14 +215,14 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
                          f"(e.g. {uncovered[:3]}).")
 
     lora, alphas, diffs, layers, skipped = {}, {}, {}, [], []
-    total_err = total_energy = 0.0
+    total_err = total_energy = total_bound = 0.0
     unchanged = 0
     start = time.perf_counter()
 
     def consider(what: str, delta: torch.Tensor, reference: torch.Tensor):
         """(||delta||^2, ||delta|| / ||reference||) when the delta is kept; None (bookkeeping done) when it is zero
         or below --min-delta."""
-        nonlocal total_err, total_energy, unchanged
+        nonlocal total_err, total_energy, total_bound, unchanged
         energy = delta.square().sum().item()
         if energy == 0.0:
             unchanged += 1
@@ -213,6 +231,7 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
         total_energy += energy
         if rel < min_delta:
             total_err += energy
+            total_bound += energy
             skipped.append({"module": what, "relative_delta": rel})
             log(f"  skip {what}: relative difference {rel:.2e} < --min-delta {min_delta:g}")
             return None
@@ -237,15 +256,18 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
                                "relative_delta": rel_delta, "relative_error": 0.0})
                 log(f"  {name} {list(part.shape)}: stored whole (.diff), relative difference {rel_delta:.2e}")
                 continue
-            down, up, r, err = low_rank(part, rank, svd_dtype, device, factor_dtype)
-            lora[name] = (down, up)
+            fit = low_rank(part, rank, svd_dtype, device, factor_dtype, svd, oversample, power_iters)
+            r, err = fit.rank, fit.error
+            lora[name] = (fit.down, fit.up)
             alphas[f"transformer.{name}.alpha"] = torch.tensor(float(r))
             total_err += err
-            rel_err = math.sqrt(err / energy)
+            total_bound += fit.bound
+            rel_err, rel_bound = math.sqrt(err / energy), math.sqrt(fit.bound / energy)
             layers.append({"module": name, "kind": "lora", "shape": list(part.shape), "rank": r,
-                           "relative_delta": rel_delta, "relative_error": rel_err})
-            log(f"  {name} {list(part.shape)} rank {r}: relative error {rel_err:.3e} "
-                f"(relative difference {rel_delta:.2e})")
+                           "relative_delta": rel_delta, "relative_error": rel_err,
+                           "relative_error_bound": rel_bound, "svd": fit.method})
+            log(f"  {name} {list(part.shape)} rank {r}: relative error {rel_err:.3e} ({fit.method} SVD; exact "
+                f"SVD's >= {rel_bound:.3e}) (relative difference {rel_delta:.2e})")
         del delta, w_b
     for key in biases:
         b_b = owned(sd_b[key], torch.float32)
@@ -261,10 +283,11 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
         log(f"  {module}.bias {list(delta.shape)}: stored whole (.diff_b), relative difference {rel_delta:.2e}")
 
     total = math.sqrt(total_err / total_energy) if total_energy else 0.0
+    total_lower = math.sqrt(min(total_bound, total_err) / total_energy) if total_energy else 0.0
     low = [entry for entry in layers if entry["kind"] == "lora"]
-    log(f"{len(low)} low-rank layers (rank <= {rank}), {len(layers) - len(low)} norms/biases stored whole, "
-        f"{len(skipped)} skipped (--min-delta), {unchanged} unchanged; total relative error {total:.4e} "
-        f"({time.perf_counter() - start:.1f} s)")
+    log(f"{len(low)} low-rank layers (rank <= {rank}, {svd} SVD), {len(layers) - len(low)} norms/biases stored "
+        f"whole, {len(skipped)} skipped (--min-delta), {unchanged} unchanged; total relative error {total:.4e} "
+        f"(exact SVD's >= {total_lower:.4e}) ({time.perf_counter() - start:.1f} s)")
 
     written = {}
     if emb_path:
@@ -281,6 +304,7 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
     return {"full": full, "base": base, "rank": rank, "latent_channels": channels,
             "lora": out if out in written else None, "embedding": emb_path or (out if out in written else None),
             "layers": layers, "skipped": skipped, "unchanged": unchanged, "total_relative_error": total,
+            "total_relative_error_bound": total_lower, "svd": svd,
             "bytes": written, "save_dtype": str(factor_dtype).replace("torch.", "")}
 
 
@@ -322,28 +346,39 @@ def _write_lora(path: str, entries: dict, lora: dict, full: str, base: str, rank
     return _atomic(path, lambda p: save_lora(p, entries, alpha=None, metadata=meta))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dcgen_core.extract", description=__doc__.split("\n\n")[0])
-    parser.add_argument("full", help="DC-Gen-FLUX transformer: .safetensors (diffusers/BFL keys) or diffusers folder")
-    parser.add_argument("base", help="its base FLUX transformer (e.g. FLUX.1-Krea-dev), any layout")
+    parser.add_argument("full", help="DC-Gen-FLUX or DC-Gen-SANA transformer: .safetensors (diffusers/BFL/original "
+                                     "keys) or diffusers folder")
+    parser.add_argument("base", help="its base transformer (e.g. FLUX.1-Krea-dev, SANA-1.6B), any layout")
     parser.add_argument("out", help="output LoRA .safetensors (put it in ComfyUI/models/loras)")
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank (the official post-training used 256)")
     parser.add_argument("--device", default="auto", help="where to run the SVDs (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default="fp32", choices=list(SVD_DTYPES), help="precision of the SVDs")
+    parser.add_argument("--svd", default="randomized", choices=list(METHODS),
+                        help="randomized (default: torch.svd_lowrank, minutes for FLUX's ~420 layers) or exact "
+                             "(torch.linalg.svd: the optimum, hours on a CPU); both print the achieved error and a "
+                             "lower bound on the exact one")
+    parser.add_argument("--oversample", type=int, default=10, help="randomized SVD: extra sketch columns (default 10)")
+    parser.add_argument("--power-iters", type=int, default=4, help="randomized SVD: power iterations (default 4)")
     parser.add_argument("--save-dtype", default=None, choices=list(SAVE_DTYPES),
                         help="dtype of the LoRA factors (default: FULL's weight dtype)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--embedding-out", default=None,
-                       help="aligned embedding file (default: OUT with an -embedding suffix; put it in "
-                            "ComfyUI/models/dcgen_embeddings)")
+                       help="aligned embedding file (default: OUT's name with -lora replaced by -embedding, in "
+                            "models/dcgen_embeddings when OUT is in models/loras, else beside OUT)")
     where.add_argument("--embed-in-lora", action="store_true",
-                       help="write the aligned embedding into the LoRA file instead (Load DC-Gen LoRA applies both)")
+                       help="write the aligned embedding into the LoRA file instead (DC-Gen Load LoRA applies both)")
     parser.add_argument("--min-delta", type=float, default=0.0,
                         help="leave out layers whose ||W_full - W_base|| / ||W_base|| is below this (default 0: "
                              "only identical ones)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quiet", action="store_true", help="print only the summary, not every layer")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     def log(line: str):
         if not (args.quiet and line.startswith("  ")):
@@ -352,7 +387,8 @@ def main(argv=None) -> int:
     try:
         extract(args.full, args.base, args.out, args.rank, device=args.device, dtype=args.dtype,
                 save_dtype=args.save_dtype, embedding_out=args.embedding_out, embed_in_lora=args.embed_in_lora,
-                min_delta=args.min_delta, overwrite=args.overwrite, log=log)
+                min_delta=args.min_delta, overwrite=args.overwrite, svd=args.svd, oversample=args.oversample,
+                power_iters=args.power_iters, log=log)
     except DCGenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -32,7 +32,8 @@ TINY_SANA = dict(num_attention_heads=2, attention_head_dim=32, num_layers=1, num
 #: (class, input) -> smoke value: small sizes and 2 steps
 SMALL = {("DCGenSampler", "steps"): 2, ("KSampler", "steps"): 2, ("DCGenFlowSigmas", "steps"): 2, ("DCGenEmptyLatent", "width"): 128,
          ("DCGenEmptyLatent", "height"): 128, ("EmptySD3LatentImage", "width"): 128,
-         ("EmptySD3LatentImage", "height"): 128, ("ImageScale", "width"): 256, ("ImageScale", "height"): 128}
+         ("EmptySD3LatentImage", "height"): 128, ("ImageScale", "width"): 256, ("ImageScale", "height"): 128,
+         ("DCGenQwenEditEncode", "resize"): "none (multiples of 32 already)"}
 
 
 def fast_random_weights(shapes: dict, seed: int = 0, dtype=torch.bfloat16) -> dict:
@@ -128,7 +129,7 @@ class TinyTextEncoder:
 
 
 def tiny_sana_text_encoder_loader(width: int = TINY_SANA["caption_channels"]):
-    """Load SANA Text Encoder's inputs, a tiny encoder of ``width`` (Gemma-2-2B's) out (no Gemma file is read)."""
+    """DC-Gen Load Gemma-2's inputs, a tiny encoder of ``width`` (Gemma-2-2B's) out (no Gemma file is read)."""
     import nodes
 
     class TinySanaTextEncoderLoader(nodes.NODE_CLASS_MAPPINGS["DCGenSanaTextEncoderLoader"]):
@@ -240,11 +241,20 @@ def write_models(root: str, workflow: dict):
     import nodes
 
     prompt = workflow_to_prompt(workflow, nodes.NODE_CLASS_MAPPINGS)
+    from .smoke_video import write_video_models
+
+    write_video_models(prompt, root, _place)
     dcgen_channels = {}
     for node in prompt.values():  # which DC-AE each DC-Gen loader pairs with: 32 (1K) or 128 (4K)
         if node["class_type"] in ("DCGenModelLoader", "DCGenNVFP4ModelLoader"):
             dcgen_channels[node["inputs"]["unet_name"]] = 128 if "4K" in node["inputs"]["unet_name"].upper() else 32
     for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            import folder_paths
+
+            from .smoke_qwen import write_input_image
+
+            _place(os.path.join(folder_paths.get_input_directory(), node["inputs"]["image"]), write_input_image)
         for (cls, widget), kind in FILE_WIDGETS.items():
             name = node["inputs"].get(widget) if node["class_type"] == cls else None
             if not isinstance(name, str):
@@ -258,6 +268,12 @@ def write_models(root: str, workflow: dict):
                 _place(path, lambda p: dcae_files(p, _dcae_variant_for(name)))
             elif cls == "DCGenSanaModelLoader":
                 _place(path, _write_sana_folder)
+            elif cls == "DCGenQwenEditModelLoader":
+                from .smoke_qwen import write_release
+
+                _place(path, write_release)
+            elif cls == "CLIPLoader" and node["inputs"].get("type") == "qwen_image":
+                _place(path, lambda p: save_file({"unused": torch.zeros(1)}, p))
             elif cls in ("DCGenApplyAlignedEmbedding", "DCGenLoraLoader") and \
                     _model_source(prompt, node) == "DCGenSanaModelLoader":
                 _place(path, functools.partial(_write_sana_dcgen_file, lora=cls == "DCGenLoraLoader",
@@ -322,8 +338,13 @@ def _run_in(root: str, workflows: list[str], runtime) -> tuple[list[str], int]:
     for kind in MODEL_KINDS_FOR_SMOKE:
         os.makedirs(os.path.join(root, kind), exist_ok=True)
         folder_paths.add_model_folder_path(kind, os.path.join(root, kind), is_default=True)
+    from .smoke_qwen import tiny_qwen_clip_loader
+
     folder_paths.set_output_directory(os.path.join(root, "output"))
-    loader, sana_loader = tiny_dual_clip_loader(), tiny_sana_text_encoder_loader()
+    input_dir = folder_paths.get_input_directory()
+    os.makedirs(os.path.join(root, "input"), exist_ok=True)
+    folder_paths.set_input_directory(os.path.join(root, "input"))  # Load Image's file; the user's input folder untouched
+    loader, sana_loader, qwen_loader = tiny_dual_clip_loader(), tiny_sana_text_encoder_loader(), tiny_qwen_clip_loader()
     lines, failures = [], 0
     for path in workflows:
         name = os.path.basename(path)
@@ -339,16 +360,24 @@ def _run_in(root: str, workflows: list[str], runtime) -> tuple[list[str], int]:
                     node["class_type"] = "DCGenSmokeTextEncoder"
                 elif node["class_type"] == "DCGenSanaTextEncoderLoader":
                     node["class_type"] = "DCGenSmokeSanaTextEncoder"
+                elif node["class_type"] == "CLIPLoader" and node["inputs"].get("type") == "qwen_image":
+                    node["class_type"] = "DCGenSmokeQwenTextEncoder"
                 for (cls, key), value in SMALL.items():
                     if node["class_type"] == cls and key in node["inputs"]:
                         node["inputs"][key] = value
                 if node["class_type"] == "DCGenSampler" and "latent" not in node["inputs"]:
                     node["inputs"]["width"], node["inputs"]["height"] = 128, 128
-            runtime.register({"DCGenSmokeTextEncoder": loader, "DCGenSmokeSanaTextEncoder": sana_loader})
+            from .smoke_video import stand_ins
+
+            runtime.register({"DCGenSmokeTextEncoder": loader, "DCGenSmokeSanaTextEncoder": sana_loader,
+                              "DCGenSmokeQwenTextEncoder": qwen_loader, **stand_ins(prompt)})
             runtime.executor.reset()
             outputs = runtime.run(prompt)
             images = sum(len(o.get("images", [])) for o in outputs.values())
-            lines.append(f"OK   {name}: {time.perf_counter() - start:.1f} s, {images} image(s) saved")
+            videos = sum(1 for o in outputs.values() for i in o.get("images", []) if i.get("filename", "").endswith(
+                (".webm", ".mp4")))
+            saved = f"{videos} video(s)" if videos else f"{images} image(s)"
+            lines.append(f"OK   {name}: {time.perf_counter() - start:.1f} s, {saved} saved")
         except Exception as e:  # noqa: BLE001 (report every workflow)
             failures += 1
             lines.append(f"FAIL {name}: {time.perf_counter() - start:.1f} s: {type(e).__name__}: "
@@ -356,4 +385,8 @@ def _run_in(root: str, workflows: list[str], runtime) -> tuple[list[str], int]:
         finally:
             runtime.nodes.NODE_CLASS_MAPPINGS.pop("DCGenSmokeTextEncoder", None)
             runtime.nodes.NODE_CLASS_MAPPINGS.pop("DCGenSmokeSanaTextEncoder", None)
+            runtime.nodes.NODE_CLASS_MAPPINGS.pop("DCGenSmokeQwenTextEncoder", None)
+            runtime.nodes.NODE_CLASS_MAPPINGS.pop("DCGenSmokeWanTextEncoder", None)
+            runtime.nodes.NODE_CLASS_MAPPINGS.pop("DCGenSmokeClipVision", None)
+    folder_paths.set_input_directory(input_dir)
     return lines, failures

@@ -192,7 +192,7 @@ def quantized_layers(sd: dict, metadata: dict, source: str) -> dict[str, dict]:
         raise DCGenError(
             f"{source}: expected an NVFP4 checkpoint (quantized layers in per-layer '.comfy_quant' entries or the "
             f"'_quantization_metadata' header, with weight_scale / weight_scale_2), found no quantized layers "
-            f"(tensors of {', '.join(kinds)}). Load a bf16/fp8 file with Load DC-Gen Diffusion Model, or make an "
+            f"(tensors of {', '.join(kinds)}). Load a bf16/fp8 file with DC-Gen Load Model, or make an "
             "NVFP4 file with python -m dcgen_core.quantize.")
     _check_fields(sd, confs, source)
     for layer, conf in sorted(confs.items()):
