@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import loadavg, randomize_module_
+from common import clocks, loadavg, med_range, randomize_module_
 
 from dcgen_core.tools.headless import boot, comfyui_version_at
 
@@ -108,17 +107,6 @@ def make_step(model, size: int, channels: int, f: int, text: int):
     return step
 
 
-def _clocks(fn) -> tuple[float, float]:
-    t, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - t, time.process_time() - c
-
-
-def med_range(values, scale=1.0, fmt="{:,.0f}") -> str:
-    v = [x * scale for x in values]
-    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}..{fmt.format(max(v))})"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1, help=f"blocks built and timed (full size: {FULL_LAYERS})")
@@ -139,12 +127,12 @@ def main():
           f"output and reference {a.size}x{a.size}; {a.repeats} alternating rounds after a warm-up")
     tokens = {k: 2 * (a.size // f // p) ** 2 for k, (_, f, p, _) in KINDS.items()}  # noise + reference
     steps = {k: make_step(models[k], a.size, ch, f, a.text) for k, (ch, f, _, _) in KINDS.items()}
-    warm = {k: _clocks(steps[k])[0] for k in KINDS}
+    warm = {k: clocks(steps[k])[0] for k in KINDS}
     print("[warm-up]  " + ", ".join(f"{KINDS[k][3]} {warm[k]:.1f} s" for k in KINDS) + f"; {loadavg()}", flush=True)
     times, cpu = {k: [] for k in KINDS}, {k: [] for k in KINDS}
     for r in range(a.repeats):
         for k in (list(KINDS) if r % 2 == 0 else list(reversed(KINDS))):
-            w, c = _clocks(steps[k])
+            w, c = clocks(steps[k])
             times[k].append(w)
             cpu[k].append(c)
     flops = {k: step_flops(tokens[k], a.text, a.layers, ch * p * p) for k, (ch, _, p, _) in KINDS.items()}

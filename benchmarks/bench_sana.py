@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -47,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import loadavg, randomize_module_
+from common import clocks, loadavg, med_range, randomize_module_
 
 from dcgen_core.tools.headless import boot, comfyui_version_at
 
@@ -154,18 +153,6 @@ def make_step(model, size: int, channels: int, f: int, text: int, valid: int):
     return step
 
 
-def _clocks(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
-    t, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - t, time.process_time() - c
-
-
-def med_range(values, scale=1.0, fmt="{:,.0f}") -> str:
-    v = [x * scale for x in values]
-    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}..{fmt.format(max(v))})"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1, help=f"SANA blocks built and timed (full size: {FULL_LAYERS})")
@@ -198,14 +185,14 @@ def main():
     for size in a.sizes:
         tokens = {k: (size // f) ** 2 for k, (_, f, _) in KINDS.items()}
         steps = {k: make_step(models[k], size, ch, f, a.text, a.text_valid) for k, (ch, f, _) in KINDS.items()}
-        warm = {k: _clocks(steps[k])[0] for k in KINDS}
+        warm = {k: clocks(steps[k])[0] for k in KINDS}
         print(f"[warm-up]  {size}x{size}: " + ", ".join(f"{KINDS[k][2]} {warm[k]:.1f} s" for k in KINDS)
               + f"; {loadavg()}", flush=True)
         times, cpu = {k: [] for k in KINDS}, {k: [] for k in KINDS}
         for r in range(a.repeats):
             order = list(KINDS) if r % 2 == 0 else list(reversed(KINDS))
             for k in order:
-                w, c = _clocks(steps[k])
+                w, c = clocks(steps[k])
                 times[k].append(w)
                 cpu[k].append(c)
         results[size] = (tokens, times, cpu)

@@ -248,3 +248,15 @@ def loadavg() -> str:
         return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "load average n/a"
+
+
+def clocks(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def med_range(values, scale=1.0, fmt="{:,.0f}") -> str:
+    v = [x * scale for x in values]
+    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}..{fmt.format(max(v))})"
