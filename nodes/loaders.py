@@ -112,7 +112,8 @@ class DCGenSanaModelLoader:
         return _transformer_inputs("SANA transformer in models/diffusion_models: a diffusers transformer folder or "
                                    "file, or an original SANA checkpoint as safetensors (512 px to 4K: its "
                                    "resolution and position embedding are read from its pos_embed; a config.json "
-                                   "beside it for widths other than SANA's own).")
+                                   "beside it for widths other than SANA's own, and for a 2K / 4K diffusers file). "
+                                   "The flow shift comes from the release's scheduler/scheduler_config.json.")
 
     def load(self, unet_name, weight_dtype, vae=None):
         return (load_sana_transformer(comfy_paths.full_path("diffusion_models", unet_name), weight_dtype, vae=vae),)

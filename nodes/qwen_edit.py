@@ -1,6 +1,6 @@
 """DC-Gen-Qwen-Image-Edit nodes: the transformer loader and the edit conditioning (reference image on the DC-AE)."""
 
-from ..dcgen_core.qwen_image.comfy_model import load_qwen_edit_transformer, release_folders
+from ..dcgen_core.qwen_image.comfy_model import load_qwen_edit_transformer, loader_choices
 from ..dcgen_core.qwen_image.edit import RESIZE_MODES, encode_edit, reference_conditioning
 from ..dcgen_core.shared import comfy_paths
 from ..dcgen_core.shared.latent_space import WEIGHT_DTYPES
@@ -27,9 +27,8 @@ class DCGenQwenEditModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = sorted(set(comfy_paths.weight_files("diffusion_models")) | set(release_folders()))
         return {"required": {
-            "unet_name": (names, {"tooltip": "In models/diffusion_models: the Hub download folder (also with its "
+            "unet_name": (loader_choices("diffusion_models"), {"tooltip": "In models/diffusion_models: the Hub download folder (also with its "
                                              "nested upload/DC-Qwen-Image-Edit/DC-Gen-Qwen-Image-Edit/), its "
                                              "transformer folder, or a single safetensors."}),
             "weight_dtype": (WEIGHT_DTYPES, {"default": "default", "tooltip": "As in Load Diffusion Model."}),

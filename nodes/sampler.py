@@ -72,7 +72,8 @@ class DCGenFlowSigmas:
         return {"required": {
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Sampling steps (SANA: 20)."}),
             "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                                "tooltip": "Flow shift: sigma = shift * t / (1 + (shift - 1) * t) (SANA: 3.0)."}),
+                                "tooltip": "Flow shift: sigma = shift * t / (1 + (shift - 1) * t) (SANA: 3.0; SANA 4K: "
+                                           "6.0; DC-Gen Load SANA logs the model's)."}),
             "schedule": (list(FLOW_SCHEDULES), {
                 "tooltip": "Which diffusers scheduler's sigmas to reproduce. 'flow-match euler (diffusers)': "
                            "FlowMatchEulerDiscreteScheduler, sample with euler. 'dpm-solver++ flow (diffusers)': "

@@ -3,7 +3,7 @@
     python scripts/train_gpu_sizing.py [--depth 2 --single-depth 4] [--resolution 1024] [--channels 32]
                                        [--batch-size 1] [--steps 3] [--rank 256] [--stages prepare,embed,head,...]
     python scripts/train_gpu_sizing.py --tiny      # dry run on CPU with tiny widths (checks the script itself)
-    python scripts/train_gpu_sizing.py --estimate [--gpus 1 2 4 8 --tflops 989 --mfu 0.35]
+    python scripts/train_gpu_sizing.py --estimate [--gpus 1 2 4 8 --tflops 989 --mfu 0.35] [--sharding none fsdp]
                                                    # the formulas below for full FLUX.1, no GPU (README's table)
 
 Stages (the package's own code paths, bf16 autocast + gradient checkpointing as the CLI uses on CUDA):
@@ -19,16 +19,19 @@ Exit status 2 without CUDA (unless --tiny or --estimate).
 
 Formulas (--estimate; P base parameters, L LoRA + embedder/head parameters, n = image tokens + text tokens per
 sample, F = forward FLOPs per sample (2 x multiply-adds of every linear + attention's QK^T and AV), b per-device
-batch, N GPUs, data parallel):
+batch, N GPUs; data parallel, or FSDP with --sharding fsdp):
 
   memory per GPU  = 2 P (bf16 frozen weights) + 16 L (fp32 trained weights, gradients, AdamW m and v) [+ 4 L EMA]
                     + b * n * hidden * 2 B * (blocks + 12)   (gradient checkpointing: each block's bf16 input kept,
                     about 12 hidden-widths of one block's activations live while it is recomputed)
                     -- the same for every N: data parallelism replicates the model
+                  FSDP: (2 P + 16 L) / N + the largest block gathered in bf16 + the same activations
   FLOPs per sample = head: 2 F (conditional forward; the frozen DiT needs no backward to reach the head; plus the
                     guidance-distilled objective's unconditional forward)
                     head+embed, lora: 5 F (forward, recomputation, backward 2 F, unconditional forward)
   step time       = b * FLOPs per sample / (peak bf16 FLOP/s x MFU) + all-reduce 2 (N - 1) / N * 4 L B / bandwidth
+                  FSDP: + (N - 1) / N * (all-gathers of 2 P B, twice with recomputation + once per extra forward,
+                    and reduce-scatter of 4 L B) / bandwidth (no overlap with compute assumed)
   images per second = N * b / step time; GPU-hours = steps * step time * N
 """
 
@@ -98,7 +101,7 @@ def flux_counts(res: int, channels: int, rank: int, tokens: int, double: int = 1
     linear += img * 2 * h * channels + tokens * context * h
     attention = (double + single) * 2 * n * n * h
     return {"P": base, "L": trained, "n": n, "img": img, "F": 2.0 * (linear + attention), "blocks": double + single,
-            "h": h}
+            "h": h, "block": max(per_double, per_single)}
 
 
 def estimate(args) -> int:
@@ -115,16 +118,27 @@ def estimate(args) -> int:
           f"{tokens} text tokens), LoRA rank {rank} ({c['L'] / 1e6:.0f} M trained), per-device batch {b}; "
           f"{args.tflops:g} TFLOP/s peak x MFU {args.mfu:g}, all-reduce {args.bandwidth:g} GB/s. Formula estimates, "
           "not measurements.")
-    print(f"{'stage':<11} {'GPUs':>4} {'memory/GPU GiB':>15} {'step s':>8} {'images/s':>9} "
+    print(f"{'stage':<11} {'sharding':>8} {'GPUs':>4} {'memory/GPU GiB':>15} {'step s':>8} {'images/s':>9} "
           f"{'GPU-h per 10k steps':>20}")
-    for stage, mult in (("head", 2), ("head+embed", 5), ("lora", 5)):
-        mem = weights + (trained if stage == "lora" else 16 * 2 * (args.channels * c["h"]) / gib) + acts
+    for stage, mult, gathers in (("head", 2, 2), ("head+embed", 5, 4), ("lora", 5, 4)):
+        trained_bytes = c["L"] if stage == "lora" else 2 * args.channels * c["h"]
         compute = b * mult * c["F"] / (args.tflops * 1e12 * args.mfu)
-        for n_gpu in args.gpus:
-            comm = 2 * (n_gpu - 1) / n_gpu * 4 * c["L"] / (args.bandwidth * 1e9) if stage == "lora" else 0.0
-            t = compute + comm
-            print(f"{stage:<11} {n_gpu:>4} {mem:>15.1f} {t:>8.3f} {n_gpu * b / t:>9.2f} "
-                  f"{10000 * t * n_gpu / 3600:>20.1f}")
+        for sharding in args.sharding:
+            for n_gpu in args.gpus:
+                if sharding == "fsdp" and n_gpu == 1:
+                    continue  # one process trains unsharded
+                share = (n_gpu - 1) / n_gpu
+                if sharding == "fsdp":
+                    mem = (weights + 16 * trained_bytes / gib) / n_gpu + 2 * c["block"] / gib + acts
+                    # all-gathers of the bf16 weights per forward pass (gathers: forwards + recomputation), the
+                    # reduce-scatter of the fp32 gradients of the trained tensors
+                    comm = share * (gathers * 2 * c["P"] + 4 * trained_bytes) / (args.bandwidth * 1e9)
+                else:
+                    mem = weights + 16 * trained_bytes / gib + acts
+                    comm = 2 * share * 4 * trained_bytes / (args.bandwidth * 1e9)
+                t = compute + comm
+                print(f"{stage:<11} {sharding:>8} {n_gpu:>4} {mem:>15.1f} {t:>8.3f} {n_gpu * b / t:>9.2f} "
+                      f"{10000 * t * n_gpu / 3600:>20.1f}")
     return 0
 
 
@@ -162,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tflops", type=float, default=989.0, help="--estimate: peak dense bf16 TFLOP/s (H100 SXM 989)")
     ap.add_argument("--mfu", type=float, default=0.35, help="--estimate: model FLOP utilisation assumed")
     ap.add_argument("--bandwidth", type=float, default=100.0, help="--estimate: all-reduce bus GB/s per GPU")
+    ap.add_argument("--sharding", nargs="+", default=["none", "fsdp"], choices=("none", "fsdp"),
+                    help="--estimate: rows for data parallelism (none) and FSDP")
     args = ap.parse_args(argv)
     if args.estimate:
         return estimate(args)

@@ -4,15 +4,20 @@ Qwen-Image-Edit give an aligned embedding and a LoRA with which base + DC-Gen Ad
 rank that holds every difference exactly; the RMSNorm scales and biases that differ carried whole)."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import tiny_qwen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY = re.compile(r"total relative error ([0-9.e+-]+) \(exact SVD's >= ([0-9.e+-]+)\)")
+LAYER = re.compile(r"^  (\S+) \[\d+, \d+\] rank 2: relative error ([0-9.e+-]+) \(randomized SVD; exact SVD's >= "
+                   r"([0-9.e+-]+)\)", re.M)
 
 
 @pytest.mark.parametrize("lora_loader", ["DCGenLoraLoader", "LoraLoaderModelOnly"])
@@ -34,6 +39,10 @@ def test_extracted_embedding_and_lora_rebuild_full(comfyui, lora_loader):
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Qwen-Image:" in out.stdout and "stored whole" in out.stdout, out.stdout
+    # like FLUX and SANA: the achieved error and the bound on the exact SVD's, per layer and in total
+    assert "(exact SVD; exact SVD's >= " in out.stdout, out.stdout
+    total = SUMMARY.search(out.stdout)
+    assert total and float(total.group(2)) <= float(total.group(1)) <= 1e-5, out.stdout
     nodes = comfyui.runtime.node_classes
     base = nodes["DCGenQwenEditModelLoader"]().load("qwen-image-edit-base-tiny", "default")[0]
     assert "dcgen" not in base.model_options  # a base Qwen-Image: no DC-AE latent space until the embedding
@@ -52,3 +61,26 @@ def test_extracted_embedding_and_lora_rebuild_full(comfyui, lora_loader):
         assert worst <= 1e-5, worst
     finally:
         m.unpatch_model()
+
+
+def test_extract_prints_the_exact_svd_bound(tmp_path, capsys):
+    """The CLI at a truncated rank (randomized SVD) prints, per low-rank layer and in total, the achieved error and a
+    lower bound on the exact SVD's: bound <= the Eckart-Young error (from torch.linalg.svdvals of FULL - BASE) <=
+    achieved, within the printed 4 significant digits (rel 1e-3)."""
+    from dcgen_core.tools.extract import main
+
+    full = tiny_qwen.tiny_qwen_transformer()
+    base = str(tmp_path / "base")
+    tiny_qwen.save_base_and_adapters(full, base, str(tmp_path / "emb.safetensors"), str(tmp_path / "true.safetensors"))
+    full.save_pretrained(str(tmp_path / "full"), safe_serialization=True)
+    assert main([str(tmp_path / "full"), base, str(tmp_path / "out-lora.safetensors"), "--rank", "2"]) == 0
+    printed = capsys.readouterr().out
+    layers = LAYER.findall(printed)
+    assert len(layers) == 12, printed  # the rank-4 LoRA's 6 modules in each of the 2 blocks
+    want, base_sd = full.state_dict(), load_file(os.path.join(base, "diffusion_pytorch_model.safetensors"))
+    for module, achieved, bound in layers:
+        s = torch.linalg.svdvals((want[f"{module}.weight"] - base_sd[f"{module}.weight"]).double())
+        exact = (s[2:].norm() / s.norm()).item()
+        assert float(bound) <= exact * (1 + 1e-3) and exact <= float(achieved) * (1 + 1e-3), (module, printed)
+    total = SUMMARY.search(printed)
+    assert total and 0.01 < float(total.group(2)) <= float(total.group(1)), printed

@@ -29,13 +29,7 @@ from dcgen_core.tools.train.objectives import denoising_loss, guidance_distilled
 C, HIDDEN = tiny.LATENT_CHANNELS, 32  # TinyDCGen: 2 heads x 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not stall when other work shares the CPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a, b) -> float:

@@ -29,7 +29,11 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_dcgen):
-    root = tmp_path_factory.mktemp("train-dist")
+    return write_files(tmp_path_factory.mktemp("train-dist"), tiny_dcgen)
+
+
+def write_files(root, tiny_dcgen):
+    """(root, base transformer file, cache folder, aligned embedding file) of a tiny FLUX under ``root``."""
     base = tiny_dcgen.save_base_single_file(str(root / "base.safetensors"))
     g = torch.Generator().manual_seed(0)
     items = [(f"img{i}", f"caption {i}", {
@@ -48,11 +52,12 @@ COMMON = ["--rank", "4", "--alpha", "8", "--lr", "1e-3", "--seed", "3", "--save-
           "--device", "cpu"]
 
 
-def _accelerate(*args, processes: int = 2) -> subprocess.CompletedProcess:
+def _accelerate(*args, processes: int = 2, mode: str = "--multi_gpu") -> subprocess.CompletedProcess:
+    """``mode``: accelerate's launch mode, --multi_gpu or --use_fsdp (the same launcher, with FSDP's environment)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PACK_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # --multi_gpu: torch's elastic launcher, N processes; on CPU (--device cpu) they join over gloo. accelerate's
     # --cpu launcher starts one process only (several need mpirun), so it cannot test two.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "dcgen_core.train", *map(str, args)]
     return subprocess.run(cmd, cwd=PACK_DIR, env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -43,8 +43,8 @@ def _readme_commands(prefix: str) -> list[list[str]]:
     return out
 
 
-def _workflow_files() -> dict:
-    with open(WORKFLOW, encoding="utf-8") as f:
+def _workflow_files(path: str = WORKFLOW) -> dict:
+    with open(path, encoding="utf-8") as f:
         nodes = {n["type"]: n for n in json.load(f)["nodes"]}
     return {"lora": nodes["DCGenLoraLoader"]["widgets_values"][0],
             "embedding": nodes["DCGenApplyAlignedEmbedding"]["widgets_values"][0]}
@@ -67,22 +67,28 @@ def test_readme_extract_writes_the_workflow_names():
 
 
 def test_readme_train_writes_the_workflow_names():
-    """align -> lora as the README writes them: lora's input embedding is not one of its outputs, and the files it
-    writes carry the names the workflow loads, copied into the folders the workflow's loaders list."""
+    """Each align -> lora as the README writes them (FLUX, then DC-Gen-SANA): lora's input embedding is not one of
+    its outputs, and the files it writes carry the names the workflow loads (FLUX 1K from base, DC-Gen-SANA 4K),
+    copied into the folders the workflow's loaders list."""
     from dcgen_core.tools.train.__main__ import build_parser
     from dcgen_core.tools.train.finetune import OUTPUT_SUFFIXES
 
-    wf = _workflow_files()
-    commands = {argv[0]: build_parser().parse_args(argv) for argv in _readme_commands("dcgen_core.train")}
-    align, lora = commands["align"], commands["lora"]
-    assert os.path.normpath(lora.embedding) == os.path.normpath(os.path.join(align.out,
-                                                                             f"{align.name}-embedding.safetensors"))
-    outputs = {os.path.normpath(os.path.join(lora.out, f"{lora.name}-{s}")) for s in OUTPUT_SUFFIXES}
-    assert os.path.normpath(lora.embedding) not in outputs
-    assert f"{lora.name}-lora.safetensors" == wf["lora"] and f"{lora.name}-embedding.safetensors" == wf["embedding"]
+    commands = [build_parser().parse_args(argv) for argv in _readme_commands("dcgen_core.train")]
+    aligns = [c for c in commands if c.command == "align"]
+    loras = [c for c in commands if c.command == "lora"]
+    workflows = [WORKFLOW, os.path.join(PACK_DIR, "workflows", "dcgen-sana-4k-t2i.json")]
+    assert len(aligns) == len(loras) == len(workflows)
     readme = _docs_text()
-    assert f"cp {os.path.join(lora.out, wf['lora'])} models/loras/" in readme
-    assert f"cp {os.path.join(lora.out, wf['embedding'])} models/dcgen_embeddings/" in readme
+    for align, lora, workflow in zip(aligns, loras, workflows):
+        wf = _workflow_files(workflow)
+        assert os.path.normpath(lora.embedding) == os.path.normpath(
+            os.path.join(align.out, f"{align.name}-embedding.safetensors"))
+        outputs = {os.path.normpath(os.path.join(lora.out, f"{lora.name}-{s}")) for s in OUTPUT_SUFFIXES}
+        assert os.path.normpath(lora.embedding) not in outputs
+        assert f"{lora.name}-lora.safetensors" == wf["lora"]
+        assert f"{lora.name}-embedding.safetensors" == wf["embedding"]
+        assert f"cp {os.path.join(lora.out, wf['lora'])} models/loras/" in readme
+        assert f"cp {os.path.join(lora.out, wf['embedding'])} models/dcgen_embeddings/" in readme
 
 
 def test_lora_refuses_to_overwrite_its_input(tmp_path):
@@ -286,6 +292,8 @@ def test_prepare_resumes_where_it_stopped(image_set, tmp_path, monkeypatch, caps
     monkeypatch.setattr(data_mod, "load_image", real)
     index = json.loads((part / "index.json").read_text())
     assert not index["complete"] and index["count"] == 2
+    del index["family"]  # as written before caches recorded their family (FLUX): still resumed
+    (part / "index.json").write_text(json.dumps(index))
     with pytest.raises(DCGenError, match="resumes"):
         LatentCache(str(part))
     capsys.readouterr()
@@ -379,3 +387,29 @@ def test_align_runs_on_a_bucketed_cache(tmp_path, tiny_dcgen):
                   cfg=TrainConfig(steps=3, batch_size=3, lr=1e-3, progress=False))
         losses = [v for stage in r.losses.values() for v in stage]
         assert losses and all(math.isfinite(v) for v in losses), solver
+
+
+def test_readme_sizing_table_is_the_scripts_output():
+    """README's training table (rows: stage, GPUs, sharding, memory, step, images/s) is what
+    `scripts/train_gpu_sizing.py --estimate --gpus 1 8` prints, rounded as shown."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(PACK_DIR, "scripts", "train_gpu_sizing.py"), "--estimate",
+                          "--gpus", "1", "8"], capture_output=True, text=True, check=True).stdout
+    printed = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 7 and parts[0] in ("head", "head+embed", "lora"):
+            printed[(parts[0], int(parts[2]), parts[1])] = tuple(float(v) for v in parts[3:6])
+    readme = open(os.path.join(PACK_DIR, "README.md"), encoding="utf-8").read()
+    rows = re.findall(r"^\| (head|head\+embed|lora) \| (\d+) \| (none|fsdp) \| ([\d.]+) GiB \| ([\d.]+) s \| "
+                      r"([\d.]+) \|$", readme, re.M)
+    assert len(rows) >= 4
+    for stage, gpus, sharding, mem, step, ips in rows:
+        want = printed[(stage, int(gpus), sharding)]
+        for shown, value in zip((mem, step, ips), want):
+            digits = len(shown.split(".")[1]) if "." in shown else 0
+            assert abs(float(shown) - value) <= 0.5 * 10 ** -digits + 1e-9 or \
+                float(shown) == float(f"{value:.2g}"), (stage, gpus, sharding, shown, value)

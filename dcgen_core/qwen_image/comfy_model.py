@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..shared import comfy_paths
 from ..shared.checkpoints import check_tensors_match, load_checkpoint, owned, weight_format
 from ..shared.comfy_compat import make_model_patcher
 from ..shared.errors import DCGenError
@@ -15,6 +16,7 @@ from ..shared.keys import strip_prefix
 from ..shared.latent_space import load_with_cached_init, resolve_scaling, set_inference_dtypes
 from .dcgen import LATENT_CHANNELS, NAME, install_latent_space
 from .keys import config_from_state_dict
+from .scheduler import release_scheduler
 
 #: Where the Hub repo nvidia/DC-Qwen-Image-Edit keeps the pipeline (the authors' builder moves it up; we read it there).
 NESTED_RELEASE = os.path.join("upload", "DC-Qwen-Image-Edit", "DC-Gen-Qwen-Image-Edit")
@@ -79,8 +81,9 @@ def _load_patcher(path: str, weight_dtype: str, vae=None, disable_dynamic: bool 
         raise DCGenError(f"{path}: expected {NAME} (patch size 1, {LATENT_CHANNELS} DC-AE channels in and out), found "
                          f"patch size {cfg.patch_size}, {cfg.in_features} in / {cfg.out_features} out.")
     scaling = resolve_scaling(LATENT_CHANNELS, vae, path)
+    scheduler, source = release_scheduler(resolve_release_folder(path))
     m = build_comfy_qwen_image(sd, cfg, weight_dtype, source=path, disable_dynamic=disable_dynamic)
-    install_latent_space(m, scaling, own_model=True)
+    install_latent_space(m, scaling, own_model=True, scheduler=scheduler, scheduler_source=source)
     return m
 
 
@@ -88,6 +91,14 @@ def load_qwen_edit_transformer(path: str, weight_dtype: str = "default", vae=Non
     """DC-Gen-Qwen-Image-Edit as a ComfyUI MODEL (rebuildable through ``cached_patcher_init`` as core's are); a base
     Qwen-Image(-Edit) loads as core's model, for DC-Gen Add Embedding + LoRA."""
     return load_with_cached_init(_load_patcher, path, weight_dtype, vae=vae)
+
+
+def loader_choices(kind: str = "diffusion_models") -> list[str]:
+    """What DC-Gen Load Qwen offers: weight files and diffusers folders, a release folder once (nothing inside it:
+    not the shards of its transformer, nor its other components)."""
+    releases = release_folders(kind)
+    inside = tuple(r + "/" for r in releases)
+    return sorted({n for n in comfy_paths.weight_files(kind) if not n.startswith(inside)} | set(releases))
 
 
 def release_folders(kind: str = "diffusion_models") -> list[str]:

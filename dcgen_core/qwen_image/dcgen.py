@@ -33,7 +33,7 @@ from ..shared.embedding import AlignedEmbedding, check_embedding_for_model
 from ..shared.errors import DCGenError
 from ..shared.latent_space import (check_context_width, check_latent_channels, dcgen_info, install_empty_latent_hook,
                                    install_preview_hook, linear_like, make_latent_format, resolve_scaling)
-from ..shared.schedules import EXPONENTIAL, TimeShift, comfy_model_sampling
+from ..shared.schedules import EXPONENTIAL, LINEAR, TimeShift, comfy_model_sampling
 
 WRAPPER_KEY = "dcgen_qwen_image_tokens"
 LATENT_CHANNELS = 32
@@ -42,10 +42,10 @@ NAME = "DC-Gen-Qwen-Image-Edit"
 
 #: The scheduler config the authors' pipeline reads (``scheduler/scheduler_config.json``: calculate_shift's
 #: base_image_seq_len, max_image_seq_len, base_shift, max_shift and FlowMatchEulerDiscreteScheduler's
-#: shift_terminal). The DC release's file is only on the Hub; these are Qwen-Image-Edit's values, which the DC
-#: release is built from (inferred, not read from the DC release).
+#: use_dynamic_shifting, time_shift_type, shift, shift_terminal) when the release folder has none (scheduler.py
+#: reads it when it is there): Qwen-Image-Edit's values, which the DC release is built from.
 SCHEDULER = {"base_image_seq_len": 256, "max_image_seq_len": 8192, "base_shift": 0.5, "max_shift": 0.9,
-             "shift_terminal": 0.02}
+             "shift_terminal": 0.02, "use_dynamic_shifting": True, "time_shift_type": "exponential", "shift": 1.0}
 NATIVE_TOKENS = (1024 // SPATIAL) ** 2
 
 
@@ -55,12 +55,22 @@ def qwen_mu(tokens: int, cfg: dict = SCHEDULER) -> float:
     return tokens * m + cfg["base_shift"] - m * cfg["base_image_seq_len"]
 
 
+def edit_shift(tokens: int, cfg: dict = SCHEDULER) -> TimeShift:
+    """FlowMatchEulerDiscreteScheduler's shift for ``tokens`` noise tokens: with use_dynamic_shifting its
+    exponential (e^mu / (e^mu + 1/t - 1)) or linear (mu / (mu + 1/t - 1): LINEAR with r = mu) time shift of mu =
+    calculate_shift(tokens), else its static ``shift`` (shift t / (1 + (shift - 1) t))."""
+    if not cfg.get("use_dynamic_shifting", True):
+        return TimeShift(LINEAR, float(cfg.get("shift", 1.0)))
+    mu = qwen_mu(tokens, cfg)
+    return TimeShift(LINEAR if cfg.get("time_shift_type") == "linear" else EXPONENTIAL, mu)
+
+
 def edit_sigmas(unshifted: torch.Tensor, tokens: int, cfg: dict = SCHEDULER) -> torch.Tensor:
-    """FlowMatchEulerDiscreteScheduler's sigmas for unshifted times (trailing zeros kept): the exponential shift
-    with mu of ``tokens``, then the stretch that ends the last non-zero sigma at ``shift_terminal``."""
+    """FlowMatchEulerDiscreteScheduler's sigmas for unshifted times (trailing zeros kept): the shift of
+    ``edit_shift``, then the stretch that ends the last non-zero sigma at ``shift_terminal``."""
     t = unshifted.double()
     nonzero = t > 0
-    shifted = TimeShift(EXPONENTIAL, qwen_mu(tokens, cfg)).apply(t.clamp(min=1e-12))
+    shifted = edit_shift(tokens, cfg).apply(t.clamp(min=1e-12))
     terminal = cfg.get("shift_terminal")
     if terminal:
         last = shifted[nonzero][-1]
@@ -68,8 +78,8 @@ def edit_sigmas(unshifted: torch.Tensor, tokens: int, cfg: dict = SCHEDULER) -> 
     return torch.where(nonzero, shifted, torch.zeros_like(t)).to(unshifted.dtype)
 
 
-def native_shift() -> TimeShift:
-    return TimeShift(EXPONENTIAL, qwen_mu(NATIVE_TOKENS))
+def native_shift(cfg: dict = SCHEDULER) -> TimeShift:
+    return edit_shift(NATIVE_TOKENS, cfg)
 
 
 def _grid(latent: torch.Tensor, subject: str) -> tuple[int, int]:
@@ -188,15 +198,17 @@ def norm_rescaled_cfg(args):
     return comb * (torch.norm(cond, dim=1, keepdim=True) / torch.norm(comb, dim=1, keepdim=True))
 
 
-def install_latent_space(m, scaling_factor: float, own_model: bool):
-    """Latent format, model sampling, token/position wrapper, schedule and CFG on ``m`` (a clone, or a fresh
-    patcher when ``own_model``)."""
+def install_latent_space(m, scaling_factor: float, own_model: bool, scheduler: dict = SCHEDULER,
+                         scheduler_source: str = "Qwen-Image-Edit's values"):
+    """Latent format, model sampling, token/position wrapper, schedule (of the ``scheduler`` config) and CFG on
+    ``m`` (a clone, or a fresh patcher when ``own_model``)."""
     import comfy.patcher_extension as pe
 
     install_preview_hook()
     install_empty_latent_hook()
     fmt = make_latent_format(LATENT_CHANNELS, scaling_factor)
-    sampling = comfy_model_sampling(native_shift())
+    native = native_shift(scheduler)
+    sampling = comfy_model_sampling(native)
     memory_factor = m.model.memory_usage_factor * 4  # one token per latent pixel, where core assumes four
     if own_model:
         m.model.latent_format, m.model.model_sampling, m.model.memory_usage_factor = fmt, sampling, memory_factor
@@ -215,9 +227,10 @@ def install_latent_space(m, scaling_factor: float, own_model: bool):
     m.model_options["dcgen"] = {
         "family": NAME, "name": NAME, "latent_channels": LATENT_CHANNELS, "spatial_compression": SPATIAL,
         "scaling_factor": scaling_factor, "rule": EXPONENTIAL, "guidance": "cfg", "fixed_resolution": None,
-        "scheduler": dict(SCHEDULER),
-        "shift": f"Qwen-Image calculate_shift of the noise tokens (mu={native_shift().value:.4f} at 1024x1024), "
-                 f"terminal {SCHEDULER['shift_terminal']}; follows the latent",
+        "scheduler": dict(scheduler),
+        "shift": (f"calculate_shift of the noise tokens ({native.describe()} at 1024x1024)"
+                  if scheduler.get("use_dynamic_shifting", True) else f"static flow shift {native.value}")
+                 + f", terminal {scheduler.get('shift_terminal')} ({scheduler_source}); follows the latent",
     }
 
 
@@ -244,7 +257,7 @@ def apply_aligned_embedding(model, emb: AlignedEmbedding, vae=None, clone: bool 
     m.add_object_patch("diffusion_model.proj_out", linear_like(dm.proj_out, emb.out_weight, emb.out_bias, fallback))
     info = dcgen_info(model)
     if info is None or info["scaling_factor"] != scaling:
-        install_latent_space(m, scaling, own_model=False)
+        install_latent_space(m, scaling, own_model=False, scheduler=(info or {}).get("scheduler", SCHEDULER))
     return m
 
 

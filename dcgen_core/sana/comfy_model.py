@@ -3,7 +3,8 @@ transformer loader.
 
 ComfyUI core has no SANA. The model config gives ComfyUI what it needs for any model: the latent format of the
 DC-AE the model samples (f32c32 for SANA, DC-AE-1.5 f64c128 for DC-Gen-SANA), flow sampling with SANA's shift
-(sigma = shift * t / (1 + (shift - 1) * t), shift 3.0, timestep = 1000 * sigma) and the inference dtypes; the
+(sigma = shift * t / (1 + (shift - 1) * t), timestep = 1000 * sigma; the shift of the release's scheduler config,
+else 6.0 at 4K and 3.0 below, see release.py) and the inference dtypes; the
 BaseModel passes the text attention mask from the conditioning. So core KSampler / SamplerCustomAdvanced, LoRA
 loaders, previews and offloading work on it as on core models.
 """
@@ -21,9 +22,9 @@ from ..shared.latent_space import (SPATIAL_COMPRESSION, check_context_width, che
 from .keys import (is_diffusers_sana, is_original_sana, original_pos_embed_config, original_to_diffusers,
                    sana_config_from_state_dict, unwrap)
 from .model import SanaConfig, SanaTransformer
+from .release import SANA_FLOW_SHIFT, check_resolution_known, sana_flow_shift
 
-#: SANA's flow shift (its pipelines' scheduler config), and the largest side its models are made for.
-SANA_FLOW_SHIFT = 3.0
+#: The largest side SANA models are made for.
 SANA_MAX_SIDE = 4096
 _CLASSES = {}
 
@@ -80,24 +81,32 @@ def require_sana(model, subject: str = "model") -> SanaTransformer:
 def read_sana_checkpoint(path: str):
     """(diffusers-keyed state dict of mapped views, SanaConfig) of a SANA transformer in diffusers or original
     NVlabs/Sana layout (single safetensors or diffusers folder)."""
+    sd, cfg, _ = _read_sana(path)
+    return sd, cfg
+
+
+def _read_sana(path: str):
+    """As read_sana_checkpoint, and whether the resolution was told (a config, or an original file's pos_embed)."""
     ckpt = load_checkpoint(path, component="transformer")
     sd = unwrap(ckpt.state_dict)
     config = ckpt.config
+    told = config is not None
     if is_original_sana(sd):
         # the pos_embed buffer (dropped by the conversion) tells 1K (zeros) from 2K / 4K (sin-cos)
         config = {**(config or {}), **original_pos_embed_config(sd, config, path)}
-        sd = original_to_diffusers(sd)
+        sd, told = original_to_diffusers(sd), True
     elif not is_diffusers_sana(sd):
         sample = ", ".join(sorted(sd)[:3])
         raise DCGenError(f"{path}: expected a SANA transformer (diffusers SanaTransformer2DModel or original "
                          f"NVlabs/Sana keys), found keys like {sample}.")
-    return sd, sana_config_from_state_dict(sd, config)
+    return sd, sana_config_from_state_dict(sd, config), told
 
 
-def sana_info(channels: int, scaling: float, shift: float = SANA_FLOW_SHIFT) -> dict:
+def sana_info(channels: int, scaling: float, shift: float = SANA_FLOW_SHIFT, reason: str = "") -> dict:
     """The DC-AE facts a SANA MODEL carries (read by the pack's latent hooks, size checks and sampler)."""
     return {"architecture": "sana", "latent_channels": channels, "spatial_compression": SPATIAL_COMPRESSION[channels],
-            "scaling_factor": scaling, "rule": "sana-flow", "shift": f"flow shift {shift}", "fixed_resolution": None,
+            "scaling_factor": scaling, "rule": "sana-flow", "fixed_resolution": None,
+            "shift": f"flow shift {shift}" + (f" ({reason})" if reason else ""),
             "guidance": "cfg",  # classifier-free: the DC-Gen Sampler's guidance is the cfg scale
             "max_side": SANA_MAX_SIDE, "name": "SANA" if channels == 32 else f"DC-Gen-SANA ({channels}-channel DC-AE)"}
 
@@ -122,7 +131,7 @@ def _sana_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **
 
 
 def build_comfy_sana(sd: dict, cfg: SanaConfig, weight_dtype: str, source: str, scaling: float,
-                     disable_dynamic: bool = False):
+                     disable_dynamic: bool = False, shift: float = SANA_FLOW_SHIFT, shift_reason: str = ""):
     import comfy.model_management as mm
 
     if cfg.in_channels != cfg.out_channels or cfg.in_channels not in SPATIAL_COMPRESSION:
@@ -130,6 +139,7 @@ def build_comfy_sana(sd: dict, cfg: SanaConfig, weight_dtype: str, source: str, 
                          f"out), found {cfg.in_channels} in / {cfg.out_channels} out.")
     config_cls, _ = comfy_classes()
     model_config = config_cls({"image_model": "sana", "sana_config": cfg.to_dict()})
+    model_config.sampling_settings["shift"] = shift  # an instance copy: read when the model sampling is built
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd, load_device)
@@ -148,17 +158,28 @@ def build_comfy_sana(sd: dict, cfg: SanaConfig, weight_dtype: str, source: str, 
     m = make_model_patcher(model, load_device, offload_device, disable_dynamic=disable_dynamic)
     install_preview_hook()
     install_empty_latent_hook()
-    m.model_options["dcgen"] = sana_info(cfg.in_channels, scaling)
+    m.model_options["dcgen"] = sana_info(cfg.in_channels, scaling, shift, shift_reason)
     import comfy.patcher_extension as pe
 
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, CHECKS_KEY, _sana_outer_sample)
     return m
 
 
+def read_sana_release(path: str):
+    """(state dict, SanaConfig, flow shift, why that shift) of a SANA to sample or train: read_sana_checkpoint,
+    the shift of its release (sana_flow_shift), and refused when a 2K / 4K model's resolution cannot be known."""
+    sd, cfg, told = _read_sana(path)
+    shift, reason, from_file = sana_flow_shift(path, cfg)
+    if not told:
+        check_resolution_known(path, cfg, shift if from_file else None)
+    return sd, cfg, shift, reason
+
+
 def _load_sana_patcher(path: str, weight_dtype: str, vae=None, disable_dynamic: bool = False):
-    sd, cfg = read_sana_checkpoint(path)
+    sd, cfg, shift, reason = read_sana_release(path)
     scaling = resolve_scaling(cfg.in_channels, vae, path)
-    return build_comfy_sana(sd, cfg, weight_dtype, path, scaling, disable_dynamic=disable_dynamic)
+    return build_comfy_sana(sd, cfg, weight_dtype, path, scaling, disable_dynamic=disable_dynamic, shift=shift,
+                            shift_reason=reason)
 
 
 def load_sana_transformer(path: str, weight_dtype: str = "default", vae=None):

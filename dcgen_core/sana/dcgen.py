@@ -1,7 +1,8 @@
 """DC-Gen for SANA: the aligned embedding moves a SANA MODEL into another DC-AE latent space (DC-AE-1.5 f64c128
 for native 4K), as for FLUX. SANA patchifies 1x1 already, so no token view is needed: only its patch embedder
 (``patch_embed.proj``, a 1x1 conv) and head (``proj_out``) are replaced, on a clone, and the DC-AE facts the
-model carries follow (latent format, sizes). The DC-Gen LoRA is applied by the shared LoRA loader.
+model carries follow (latent format, sizes); the flow shift stays the base model's. The DC-Gen LoRA is applied
+by the shared LoRA loader.
 """
 
 from __future__ import annotations
@@ -33,5 +34,10 @@ def apply_aligned_embedding(model, emb: AlignedEmbedding, vae=None, clone: bool 
                        linear_like(dm.patch_embed.proj, embedder, emb.img_in_bias, fallback))
     m.add_object_patch("diffusion_model.proj_out", linear_like(dm.proj_out, emb.out_weight, emb.out_bias, fallback))
     m.add_object_patch("latent_format", make_latent_format(c, scaling))
-    m.model_options["dcgen"] = {**sana_info(c, scaling), "dcgen": True}
+    # the base model's flow shift stays (its release's scheduler config or its size's default): DC-Gen-SANA samples
+    # on the base SANA's schedule
+    shift = float(model.get_model_object("model_sampling").shift)
+    m.model_options["dcgen"] = {**sana_info(c, scaling, shift), "dcgen": True}
+    if info.get("shift"):
+        m.model_options["dcgen"]["shift"] = info["shift"]
     return m

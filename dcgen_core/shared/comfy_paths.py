@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from .checkpoints import is_shard
 
 EMBEDDINGS = "dcgen_embeddings"
 _WEIGHT_EXTENSIONS = {".safetensors", ".sft"}
@@ -45,14 +46,19 @@ def _diffusers_folders(kind: str) -> list[str]:
 
 
 def weight_files(kind: str) -> list[str]:
-    """What a loader offers: safetensors files and diffusers folders (listed once, not shard by shard)."""
+    """What a loader offers: safetensors files and diffusers folders (listed once, not shard by shard, also when
+    they sit deeper than the folder scan goes)."""
     import folder_paths
 
     folders = _diffusers_folders(kind)
-    files = [n for n in folder_paths.get_filename_list(kind)
-             if os.path.splitext(n)[1] in _WEIGHT_EXTENSIONS
-             and not any(n.replace(os.sep, "/").startswith(f + "/") for f in folders)]
-    return sorted(set(files) | set(folders))
+    files = set()
+    for n in folder_paths.get_filename_list(kind):
+        name = n.replace(os.sep, "/")
+        if os.path.splitext(n)[1] not in _WEIGHT_EXTENSIONS or any(name.startswith(f + "/") for f in folders):
+            continue
+        full = folder_paths.get_full_path(kind, n) if "/" in name else None
+        files.add(name.rsplit("/", 1)[0] if full and is_shard(full) else n)
+    return sorted(files | set(folders))
 
 
 def embedding_files() -> list[str]:

@@ -247,7 +247,8 @@ def check_lora_shapes(patches: dict, model_sd: dict, source: str):
 def save_lora(path: str, lora: dict[str, torch.Tensor], alpha: float | None = None, metadata: dict | None = None):
     """Write a LoRA that core LoRA loaders and ours read the same way.
 
-    ``lora``: diffusers module paths (``transformer_blocks.0.attn.to_q``) -> (down [r, in], up [out, r]), or
+    ``lora``: diffusers module paths (``transformer_blocks.0.attn.to_q``; a path given with a ``diffusion_model.``
+    prefix keeps it: core's loader reads SANA LoRAs by that name only) -> (down [r, in], up [out, r]), or
     already-named tensors. Keys are ``transformer.<module>.lora_A/B.weight`` with a ``transformer.<module>.alpha``
     per module (ComfyUI's LoRA reader takes alpha from that key; PEFT's ``lora_alpha`` is also written to the
     header for diffusers/PEFT readers).
@@ -258,7 +259,8 @@ def save_lora(path: str, lora: dict[str, torch.Tensor], alpha: float | None = No
     for module, value in lora.items():
         if isinstance(value, tuple):
             down, up = value
-            name = module if module.startswith("transformer.") else f"transformer.{module}"
+            keep = module.startswith(("transformer.", "diffusion_model."))
+            name = module if keep else f"transformer.{module}"
             out[f"{name}.lora_A.weight"] = down.contiguous()
             out[f"{name}.lora_B.weight"] = up.contiguous()
             if alpha is not None:

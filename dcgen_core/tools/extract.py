@@ -25,11 +25,9 @@ Base + embedding + LoRA through the pack's nodes (DC-Gen Load Model on BASE -> D
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import time
 
 import torch
 
@@ -38,10 +36,10 @@ from ..shared.errors import DCGenError
 from ..flux.comfy_model import dcgen_channels, read_flux_checkpoint
 from ..flux.keys import (SCALE_SHIFT_SWAPPED_MODULES, diffusers_flux_module_names, diffusers_flux_module_to_bfl,
                          swap_scale_shift)
-from .lowrank import METHODS, low_rank
+from .extract_common import SAVE_DTYPES, Request, carry_deltas, check_same_tensors, factor_dtype, paired_deltas
+from .lowrank import METHODS
 
 SVD_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: The embedder and head: not deltas (their shapes differ), written as the aligned embedding.
 _EMBEDDING_MODULES = ("img_in", "final_layer.linear")
 _EMBEDDING_DIFFUSERS = ("x_embedder", "proj_out")
@@ -105,32 +103,11 @@ def _check_pair(full: str, base: str, cfg_f, cfg_b):
     return channels
 
 
-def _check_keys(full: str, base: str, sd_f: dict, sd_b: dict):
-    keys_f = {k for k in sd_f if not _is_embedding(k)}
-    keys_b = {k for k in sd_b if not _is_embedding(k)}
-    only_f, only_b = sorted(keys_f - keys_b), sorted(keys_b - keys_f)
-    if only_f or only_b:
-        raise DCGenError(
-            f"FULL {full} and BASE {base}: expected the same FLUX tensors apart from the embedder and head, found "
-            f"{len(only_f)} only in FULL (e.g. {only_f[:3]}) and {len(only_b)} only in BASE (e.g. {only_b[:3]}).")
-    wrong = [k for k in sorted(keys_f) if tuple(sd_f[k].shape) != tuple(sd_b[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise DCGenError(
-            f"FULL {full} and BASE {base}: expected tensors of the same shapes, found {len(wrong)} that differ, e.g. "
-            f"{k}: {list(sd_f[k].shape)} in FULL vs {list(sd_b[k].shape)} in BASE.")
-
-
 def _save_dtype(sd_f: dict, name: str | None) -> torch.dtype:
-    if name is not None:
-        if name not in SAVE_DTYPES:
-            raise DCGenError(f"--save-dtype: expected one of {list(SAVE_DTYPES)}, found '{name}'.")
-        return SAVE_DTYPES[name]
+    """--save-dtype, else FULL's weight dtype when its weights share one float dtype (a mix: fp32 if any, else bf16)."""
     dtypes = {getattr(v, "dtype", None) for k, v in sd_f.items() if k.endswith(".weight") and not _is_embedding(k)}
-    for dt in (torch.float32, torch.float16, torch.bfloat16):
-        if dtypes == {dt}:
-            return dt
-    return torch.float32 if torch.float32 in dtypes else torch.bfloat16
+    single = next(iter(dtypes)) if len(dtypes) == 1 and dtypes <= set(SAVE_DTYPES.values()) else None
+    return factor_dtype(name, single or (torch.float32 if torch.float32 in dtypes else torch.bfloat16))
 
 
 def _resolve_device(device: str | None) -> str:
@@ -173,33 +150,32 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
     if emb_path and os.path.abspath(emb_path) == os.path.abspath(out):
         raise DCGenError(f"{out}: expected the embedding and the LoRA in different files (or --embed-in-lora).")
 
-    svd_dtype, device = SVD_DTYPES[dtype], _resolve_device(device)
+    req = Request(full=full, base=base, out=out, rank=rank, emb_path=emb_path, embed_in_lora=embed_in_lora,
+                  svd_dtype=SVD_DTYPES[dtype], device=_resolve_device(device), save_dtype=save_dtype,
+                  min_delta=min_delta, svd=svd, oversample=oversample, power_iters=power_iters, log=log)
     from .extract_qwen import extract_qwen, is_qwen_checkpoint
     from .extract_sana import extract_sana, is_sana_checkpoint
 
     if is_qwen_checkpoint(full) or is_qwen_checkpoint(base):
-        return extract_qwen(full, base, out, rank, emb_path=emb_path, embed_in_lora=embed_in_lora,
-                            svd_dtype=svd_dtype, device=device, save_dtype=save_dtype, save_dtypes=SAVE_DTYPES,
-                            min_delta=min_delta, svd=svd, oversample=oversample, power_iters=power_iters, log=log,
-                            write_embedding=_write_embedding, write_lora=_write_lora)
-
+        return extract_qwen(req)
     if is_sana_checkpoint(full) or is_sana_checkpoint(base):
-        return extract_sana(full, base, out, rank, emb_path=emb_path, embed_in_lora=embed_in_lora,
-                            svd_dtype=svd_dtype, device=device, save_dtype=save_dtype, save_dtypes=SAVE_DTYPES,
-                            min_delta=min_delta, svd=svd, oversample=oversample, power_iters=power_iters, log=log,
-                            write_embedding=_write_embedding, write_lora=_write_lora)
+        return extract_sana(req)
+    return _extract_flux(req)
+
+
+def _extract_flux(req: Request) -> dict:
+    full, base = req.full, req.base
     sd_f, cfg_f, _ = read_flux_checkpoint(full)
     sd_b, cfg_b, _ = read_flux_checkpoint(base)
     sd_f = {_canonical(k): v for k, v in sd_f.items()}
     sd_b = {_canonical(k): v for k, v in sd_b.items()}
     channels = _check_pair(full, base, cfg_f, cfg_b)
-    _check_keys(full, base, sd_f, sd_b)
-    factor_dtype = _save_dtype(sd_f, save_dtype)
+    check_same_tensors(req, "FLUX", sd_f, sd_b, _is_embedding)
+    factor = _save_dtype(sd_f, req.save_dtype)
 
     from ..shared.embedding import parse_aligned_embedding
 
     emb = parse_aligned_embedding({k: owned(v) for k, v in sd_f.items() if _is_embedding(k)}, source=f"FULL {full}")
-    emb_sd = emb.to_diffusers_state_dict()
 
     # diffusers module -> its BFL weight (rows of a fused one; norm_out's halves swapped), grouped by BFL weight
     targets: dict[str, list] = {}
@@ -214,136 +190,31 @@ def extract(full: str, base: str, out: str, rank: int, *, device: str | None = N
         raise DCGenError(f"BASE {base}: expected only FLUX tensors the pack maps, found {len(uncovered)} others "
                          f"(e.g. {uncovered[:3]}).")
 
-    lora, alphas, diffs, layers, skipped = {}, {}, {}, [], []
-    total_err = total_energy = total_bound = 0.0
-    unchanged = 0
-    start = time.perf_counter()
+    def deltas():
+        """Each diffusers module's weight difference (a fused BFL weight split), then the BFL biases whole."""
+        for key, modules in targets.items():
+            w_b = owned(sd_b[key], torch.float32)
+            delta = owned(sd_f[key], torch.float32) - w_b
+            for name, offset in modules:
+                part = delta if offset is None else delta.narrow(offset[0], offset[1], offset[2])
+                ref = w_b if offset is None else w_b.narrow(offset[0], offset[1], offset[2])
+                if name in SCALE_SHIFT_SWAPPED_MODULES:
+                    part, ref = swap_scale_shift(part), swap_scale_shift(ref)
+                yield name, part, ref
+        yield from paired_deltas(sd_f, sd_b, biases)
 
-    def consider(what: str, delta: torch.Tensor, reference: torch.Tensor):
-        """(||delta||^2, ||delta|| / ||reference||) when the delta is kept; None (bookkeeping done) when it is zero
-        or below --min-delta."""
-        nonlocal total_err, total_energy, total_bound, unchanged
-        energy = delta.square().sum().item()
-        if energy == 0.0:
-            unchanged += 1
-            return None
-        rel = math.sqrt(energy) / max(reference.norm().item(), 1e-30)
-        total_energy += energy
-        if rel < min_delta:
-            total_err += energy
-            total_bound += energy
-            skipped.append({"module": what, "relative_delta": rel})
-            log(f"  skip {what}: relative difference {rel:.2e} < --min-delta {min_delta:g}")
-            return None
-        return energy, rel
+    return carry_deltas(req, deltas(), names=_names, low_rank_target=lambda key, delta: delta.ndim == 2,
+                        factor=factor, emb_sd=emb.to_diffusers_state_dict(), channels=channels,
+                        whole="norms/biases")
 
-    for key, modules in targets.items():
-        w_f, w_b = owned(sd_f[key], torch.float32), owned(sd_b[key], torch.float32)
-        delta = w_f - w_b
-        del w_f
-        for name, offset in modules:
-            part = delta if offset is None else delta.narrow(offset[0], offset[1], offset[2])
-            ref = w_b if offset is None else w_b.narrow(offset[0], offset[1], offset[2])
-            if name in SCALE_SHIFT_SWAPPED_MODULES:
-                part, ref = swap_scale_shift(part), swap_scale_shift(ref)
-            kept = consider(name, part, ref)
-            if kept is None:
-                continue
-            energy, rel_delta = kept
-            if part.ndim == 1:  # an RMSNorm scale: stored whole
-                diffs[f"transformer.{name}.diff"] = part.clone()
-                layers.append({"module": name, "kind": "diff", "shape": list(part.shape), "rank": None,
-                               "relative_delta": rel_delta, "relative_error": 0.0})
-                log(f"  {name} {list(part.shape)}: stored whole (.diff), relative difference {rel_delta:.2e}")
-                continue
-            fit = low_rank(part, rank, svd_dtype, device, factor_dtype, svd, oversample, power_iters)
-            r, err = fit.rank, fit.error
-            lora[name] = (fit.down, fit.up)
-            alphas[f"transformer.{name}.alpha"] = torch.tensor(float(r))
-            total_err += err
-            total_bound += fit.bound
-            rel_err, rel_bound = math.sqrt(err / energy), math.sqrt(fit.bound / energy)
-            layers.append({"module": name, "kind": "lora", "shape": list(part.shape), "rank": r,
-                           "relative_delta": rel_delta, "relative_error": rel_err,
-                           "relative_error_bound": rel_bound, "svd": fit.method})
-            log(f"  {name} {list(part.shape)} rank {r}: relative error {rel_err:.3e} ({fit.method} SVD; exact "
-                f"SVD's >= {rel_bound:.3e}) (relative difference {rel_delta:.2e})")
-        del delta, w_b
-    for key in biases:
-        b_b = owned(sd_b[key], torch.float32)
-        delta = owned(sd_f[key], torch.float32) - b_b
+
+def _names(key: str, low: bool) -> tuple[str, str, str]:
+    """Diffusers modules under ``transformer.`` (RMSNorm scales as ``.diff``); BFL biases under ComfyUI's
+    ``diffusion_model.`` as ``.diff_b``, in its (possibly fused) layout."""
+    if key.endswith(".bias"):
         module = key[: -len(".bias")]
-        kept = consider(module + ".bias", delta, b_b)
-        if kept is None:
-            continue
-        rel_delta = kept[1]
-        diffs[f"diffusion_model.{module}.diff_b"] = delta
-        layers.append({"module": module, "kind": "diff_b", "shape": list(delta.shape), "rank": None,
-                       "relative_delta": rel_delta, "relative_error": 0.0})
-        log(f"  {module}.bias {list(delta.shape)}: stored whole (.diff_b), relative difference {rel_delta:.2e}")
-
-    total = math.sqrt(total_err / total_energy) if total_energy else 0.0
-    total_lower = math.sqrt(min(total_bound, total_err) / total_energy) if total_energy else 0.0
-    low = [entry for entry in layers if entry["kind"] == "lora"]
-    log(f"{len(low)} low-rank layers (rank <= {rank}, {svd} SVD), {len(layers) - len(low)} norms/biases stored "
-        f"whole, {len(skipped)} skipped (--min-delta), {unchanged} unchanged; total relative error {total:.4e} "
-        f"(exact SVD's >= {total_lower:.4e}) ({time.perf_counter() - start:.1f} s)")
-
-    written = {}
-    if emb_path:
-        written[emb_path] = _write_embedding(emb_path, emb_sd, full, base)
-    entries = {**lora, **alphas, **diffs}
-    if embed_in_lora:
-        entries.update({f"transformer.{k}": v.contiguous() for k, v in emb_sd.items()})
-    if lora or diffs or embed_in_lora:
-        written[out] = _write_lora(out, entries, lora, full, base, rank, total, channels)
-    else:
-        log(f"FULL and BASE have the same blocks: no LoRA needed, {out} not written (the embedding alone makes FULL).")
-    for path, size in written.items():
-        log(f"wrote {path}: {size / 2**20:.2f} MiB")
-    return {"full": full, "base": base, "rank": rank, "latent_channels": channels,
-            "lora": out if out in written else None, "embedding": emb_path or (out if out in written else None),
-            "layers": layers, "skipped": skipped, "unchanged": unchanged, "total_relative_error": total,
-            "total_relative_error_bound": total_lower, "svd": svd,
-            "bytes": written, "save_dtype": str(factor_dtype).replace("torch.", "")}
-
-
-def _atomic(path: str, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".partial"
-    write(tmp)
-    os.replace(tmp, path)  # never a truncated file under the final name
-    return os.path.getsize(path)
-
-
-def _source_metadata(full: str, base: str) -> dict:
-    return {"full": os.path.basename(full.rstrip("/")), "base": os.path.basename(base.rstrip("/"))}
-
-
-def _write_embedding(path: str, emb_sd: dict, full: str, base: str) -> int:
-    from safetensors.torch import save_file
-
-    meta = {"dcgen_extract": json.dumps({**_source_metadata(full, base), "kind": "aligned embedding"})}
-    return _atomic(path, lambda p: save_file({k: v.contiguous() for k, v in emb_sd.items()}, p, metadata=meta))
-
-
-def _write_lora(path: str, entries: dict, lora: dict, full: str, base: str, rank: int, total: float,
-                channels: int) -> int:
-    from ..shared.lora import save_lora
-
-    ranks = {name: down.shape[0] for name, (down, _) in lora.items()}
-    r = max(ranks.values(), default=rank)
-    peft = {"r": r, "lora_alpha": float(r)}
-    other = {name: k for name, k in ranks.items() if k != r}
-    if other:  # alpha = rank per module: scale 1 everywhere
-        peft.update(rank_pattern=other, alpha_pattern={name: float(k) for name, k in other.items()})
-    meta = {"lora_adapter_metadata": json.dumps(peft),
-            "dcgen_extract": json.dumps({**_source_metadata(full, base), "rank": rank, "latent_channels": channels,
-                                         "total_relative_error": total})}
-    # per-module alpha tensors (already named) rather than save_lora's one alpha: a layer smaller than --rank keeps
-    # its full rank with alpha = that rank
-    return _atomic(path, lambda p: save_lora(p, entries, alpha=None, metadata=meta))
+        return f"diffusion_model.{module}", module, "diff_b"
+    return f"transformer.{key}", key, "lora" if low else "diff"
 
 
 def build_parser() -> argparse.ArgumentParser:

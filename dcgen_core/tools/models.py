@@ -125,7 +125,8 @@ MODELS: list[ModelFile] = [
               get=_hf_folder(DCGEN_FLUX, "DC-Gen-FLUX.1-Krea-Dev-v1.0-Res4K/vae/*", "models/vae")
               + " && ln -s DC-Gen-FLUX.1-Krea-Dev-v1.0-Res4K/vae models/vae/dc-ae-1.5-f64c128"),
     ModelFile("dcgen-sana-4k-embedding.safetensors", "dcgen_embeddings", "DC-Gen-SANA 4K aligned embedding: not "
-              "published, and the pack's post-training covers FLUX so far", "https://github.com/dc-ai-projects/DC-Gen"),
+              "published; make it with python -m dcgen_core.train align / lora --name dcgen-sana-4k (docs/training.md, "
+              "DC-Gen-SANA)", "https://github.com/dc-ai-projects/DC-Gen"),
     ModelFile("DC-Qwen-Image-Edit", "diffusion_models", "DC-Gen-Qwen-Image-Edit, the Hub repo as downloaded (its "
               "nested upload/DC-Qwen-Image-Edit/DC-Gen-Qwen-Image-Edit/ is read as it is)", DC_QWEN_EDIT,
               get=_DC_QWEN_GET),
@@ -150,8 +151,9 @@ MODELS: list[ModelFile] = [
               url=WAN_COMFY + "/resolve/main/split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
     ModelFile("clip_vision_h.safetensors", "clip_vision", "CLIP ViT-H/14, Wan2.1 i2v's image encoder (ComfyUI's "
               "file)", WAN_COMFY, url=WAN_COMFY + "/resolve/main/split_files/clip_vision/clip_vision_h.safetensors"),
-    ModelFile("dcgen-sana-4k-lora.safetensors", "loras", "DC-Gen-SANA 4K LoRA: not published, and the pack's "
-              "post-training covers FLUX so far", "https://github.com/dc-ai-projects/DC-Gen"),
+    ModelFile("dcgen-sana-4k-lora.safetensors", "loras", "DC-Gen-SANA 4K LoRA: not published; make it with python -m "
+              "dcgen_core.train lora --name dcgen-sana-4k (docs/training.md, DC-Gen-SANA)",
+              "https://github.com/dc-ai-projects/DC-Gen"),
 ]
 
 #: README quick-start jobs: (anchor id, title, workflow files) -- the table of a job lists the files its workflows name

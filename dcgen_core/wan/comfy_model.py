@@ -10,15 +10,14 @@ format is the DC-AE-V one (5-D, 32 channels, scaling 0.7241); the flow shift com
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 from ..shared.checkpoints import check_tensors_match, load_checkpoint, owned, weight_format
 from ..shared.comfy_compat import make_model_patcher
 from ..shared.errors import DCGenError
 from ..shared.keys import strip_prefix
 from ..shared.latent_space import install_empty_latent_hook, set_inference_dtypes
+from ..shared.scheduler_config import config_number, read_scheduler_config
 from .conditioning import install_i2v_check
 from .dcgen import install_dcae_v_latent_space
 from .keys import WanConfig, diffusers_to_comfy, is_comfy_wan, is_diffusers_wan, wan_config
@@ -43,16 +42,13 @@ def read_wan_checkpoint(path: str) -> tuple[dict, WanConfig]:
 
 def scheduler_shift(path: str) -> float:
     """``flow_shift`` of the scheduler config shipped beside the transformer folder (../scheduler/)."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    for candidate in (os.path.join(folder, "scheduler", "scheduler_config.json"),
-                      os.path.join(os.path.dirname(os.path.normpath(folder)), "scheduler", "scheduler_config.json")):
-        if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as f:
-                shift = json.load(f).get("flow_shift")
-            if shift is not None:
-                return float(shift)
-    logging.info("%s: no scheduler/scheduler_config.json beside it; flow shift %.1f (Wan2.1 720p).", path,
-                 DEFAULT_FLOW_SHIFT)
+    config, file = read_scheduler_config(path)
+    shift = None if config is None else config_number(config, "flow_shift", file, positive=True)
+    if shift is not None:
+        logging.info("%s: flow shift %s (flow_shift of %s).", path, shift, file)
+        return shift
+    logging.info("%s: no flow_shift in a scheduler/scheduler_config.json beside it; flow shift %.1f (Wan2.1 720p).",
+                 path, DEFAULT_FLOW_SHIFT)
     return DEFAULT_FLOW_SHIFT
 
 

@@ -25,6 +25,11 @@ def _strip_common_prefix(sd: dict) -> dict:
     return sd
 
 
+def is_kl_autoencoder(sd: dict) -> bool:
+    """Whether a state dict (any key prefix) is a KL autoencoder (SD/FLUX-style VAE) rather than a DC-AE."""
+    return any(m in k for k in sd for m in _KL_MARKERS)
+
+
 def _check_is_dcae(sd: dict, source: str) -> None:
     expected = "DC-AE encoder/decoder keys (encoder.down_blocks.*, encoder.conv_out)"
     kl_keys = [k for k in sd if any(m in k for m in _KL_MARKERS)]

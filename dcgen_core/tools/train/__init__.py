@@ -7,7 +7,8 @@
 * :func:`train_lora` (finetune.py): PEFT LoRA on the recipe's targets with the embedder/head trained fully and
   the guidance-distilled objective for guidance-distilled bases; writes a LoRA and the embedding.
 
-The training code runs on diffusers' ``FluxTransformer2DModel`` + PEFT; torch, diffusers and peft are imported by
+The training code runs on diffusers' ``FluxTransformer2DModel`` (model.py) or ``SanaTransformer2DModel``
+(sana_model.py; the base transformer decides, families.py) + PEFT; torch, diffusers and peft are imported by
 this package only (the node pack never imports it). Checkpoints are safetensors + JSON (see state.py).
 """
 

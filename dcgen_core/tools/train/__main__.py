@@ -1,16 +1,22 @@
-"""DC-Gen post-training for FLUX.
+"""DC-Gen post-training for FLUX and SANA.
 
     python -m dcgen_core.train prepare DATA_DIR CACHE --dcae PATH [--base-vae PATH]
-        (--text-encoder FLUX_PIPELINE_DIR | --text-embeddings-from FILE|hash:D,P,T) [--resolution 1024]
+        (--text-encoder FLUX_OR_SANA_PIPELINE_DIR | --text-embeddings-from FILE|hash:D,P,T) [--resolution 1024]
+        [--family auto|flux|sana]   (SANA: --base-vae its DC-AE f32c32, Gemma-2 context + mask, hash:D,0,T)
     python -m dcgen_core.train align CACHE BASE_TRANSFORMER OUT --channels C [--mode upsample|pool|mean|sum]
         [--embed-steps N --embed-lr LR --embed-solver adam|lstsq] [--steps N --lr LR] [--train-embedder]
     python -m dcgen_core.train lora CACHE BASE_TRANSFORMER EMBEDDING OUT [--rank 256 --alpha 256] [--embed-in-lora]
+        (align / lora: the base transformer decides the family, FLUX or SANA, and the cache must be of the same;
+        SANA: --channels 128 for DC-AE-1.5 f64c128, flow matching with the base's flow shift, no guidance objective)
 
 Every stage also runs under `accelerate launch --multi_gpu --num_processes N -m dcgen_core.train ...` (data
 parallel over GPUs, or CPU processes over gloo with --device cpu; only the main process writes and prints).
+--sharding fsdp (or `accelerate launch --use_fsdp ...`) also shards the transformer's weights over the processes
+(torch FSDP2, one unit per block: each process holds ~1/N of the base and the LoRA; checkpoints and outputs
+stay whole tensors, resumable with any process count, sharded or not).
 
 Common training flags: --steps --lr --batch-size --gradient-accumulation --seed --checkpoint-every N --resume [CHECKPOINT] --device
---precision --gradient-checkpointing --lr-schedule --ema-decay --objective --no-progress. bf16 autocast and
+--precision --gradient-checkpointing --lr-schedule --ema-decay --objective --sharding --no-progress. bf16 autocast and
 gradient checkpointing on CUDA, fp32 on CPU. Checkpoints: OUT/checkpoints/step-NNNNNNNN (safetensors + JSON).
 """
 
@@ -60,6 +66,10 @@ def _add_common(p: argparse.ArgumentParser, steps: int, lr: float, steps_help: s
                    help="sanity check: the same batch, noise and timesteps every step (the loss should collapse)")
     g.add_argument("--name", default="dcgen", help="output file prefix: NAME-embedding / NAME-lora .safetensors")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--sharding", default="auto", choices=("auto", "none", "fsdp"),
+                   help="fsdp: shard the transformer's weights (frozen base, LoRA) over the processes of an "
+                        "accelerate launch (torch FSDP2, per block); none: every process holds the whole model "
+                        "(data parallel); auto (default): fsdp under `accelerate launch --use_fsdp`, else none")
 
 
 def _config(args):
@@ -73,7 +83,8 @@ def _config(args):
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, ema_decay=args.ema_decay, objective=args.objective,
         guidance=args.guidance, guidance_min=args.guidance_range[0], guidance_max=args.guidance_range[1],
-        logit_mean=args.logit_mean, logit_std=args.logit_std, overfit=args.overfit, progress=not args.no_progress)
+        logit_mean=args.logit_mean, logit_std=args.logit_std, overfit=args.overfit, progress=not args.no_progress,
+        sharding=args.sharding)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,13 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="cache folder to write (shards + index.json)")
     p.add_argument("--dcae", required=True, help="the DC-AE (file or diffusers folder; any variant the pack loads)")
     p.add_argument("--dcae-variant", default="auto", help="DC-AE variant name when the file does not tell")
-    p.add_argument("--base-vae", help="FLUX's VAE (AutoencoderKL, 16 ch; diffusers folder or file): the alignment "
-                                      "teacher's latents (needed by align, not by lora)")
-    p.add_argument("--text-encoder", help="FLUX diffusers pipeline folder with text_encoder(_2)/tokenizer(_2)")
+    p.add_argument("--base-vae", help="the base model's VAE (diffusers folder or file): FLUX's AutoencoderKL (16 ch) "
+                                      "or SANA's DC-AE f32c32: the alignment teacher's latents (needed by align, "
+                                      "not by lora)")
+    p.add_argument("--text-encoder", help="diffusers pipeline folder: FLUX (text_encoder(_2)/tokenizer(_2)) or SANA "
+                                          "(text_encoder/ Gemma-2, tokenizer/)")
     p.add_argument("--text-embeddings-from", metavar="FILE|hash:D,P,T",
-                   help="precomputed embeddings (safetensors: <name>.context/.pooled and __null__.*) or hash:D,P,T, "
-                        "a deterministic stand-in encoder (tests, dry runs)")
-    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
+                   help="precomputed embeddings (safetensors: FLUX <name>.context/.pooled and __null__.*; SANA "
+                        "<name>.context and optional <name>.context_mask) or hash:D,P,T, a deterministic stand-in "
+                        "encoder (tests, dry runs; P = 0: SANA's)")
+    p.add_argument("--family", default="auto", choices=("auto", "flux", "sana"),
+                   help="the base model: auto (from the text encoder folder, hash spec or embeddings file)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="text tokens (default: FLUX's T5 512, SANA's Gemma-2 300)")
     p.add_argument("--resolution", default="1024",
                    help="N or WxH: the area of every bucket (and a bucket itself); images are resized to cover their "
                         "bucket and centre-cropped")
@@ -113,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("align", help="embedding alignment: fit the embedder, then train the head")
     p.add_argument("cache")
-    p.add_argument("base_transformer", help="the base FLUX transformer (file or diffusers folder)")
+    p.add_argument("base_transformer", help="the base FLUX or SANA transformer (file or diffusers folder; SANA also "
+                                            "original NVlabs keys): it decides the family")
     p.add_argument("out", help="output folder (embedding file, checkpoints)")
     p.add_argument("--channels", type=int, required=True, help="DC-AE latent channels (32 f32c32, 128 f64c128)")
     p.add_argument("--mode", default="upsample", choices=("upsample", "pool", "mean", "sum"),
@@ -128,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lora", help="LoRA fine-tuning with the embedder and head trained fully")
     p.add_argument("cache")
-    p.add_argument("base_transformer")
+    p.add_argument("base_transformer", help="the base FLUX or SANA transformer align was given")
     p.add_argument("embedding", help="the aligned embedding (from align)")
     p.add_argument("out", help="output folder (LoRA, embedding, checkpoints)")
     p.add_argument("--rank", type=int, default=256)
@@ -161,7 +179,7 @@ def main(argv=None) -> int:
                                 batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
                                 text_dtype=args.text_dtype, max_sequence_length=args.max_sequence_length,
                                 progress=not args.no_progress, buckets=args.buckets, max_aspect=args.max_aspect,
-                                strict=args.strict, max_pixels=args.max_pixels)
+                                strict=args.strict, max_pixels=args.max_pixels, family=args.family)
             finally:  # the waiting processes are released also when prepare fails
                 procs.barrier()
             print(f"cache: {index}")

@@ -9,8 +9,11 @@
 2. The new head (and with ``--train-embedder`` the embedder) is trained with the flow-matching objective (the
    guidance-distilled one for guidance-distilled bases) while every other weight stays frozen.
 
-Writes ``<out>/<name>-embedding.safetensors``: x_embedder / proj_out under diffusers names, which Apply DC-Gen
-Aligned Embedding (and the LoRA stage) loads.
+For FLUX and SANA (families.py: the base transformer decides; SANA's embedder is ``patch_embed.proj``, a 1x1 conv,
+its teacher tokens those of the base embedder on SANA's own f32c32 latents).
+
+Writes ``<out>/<name>-embedding.safetensors``: x_embedder (SANA: patch_embed.proj) / proj_out under diffusers names,
+which Apply DC-Gen Aligned Embedding (and the LoRA stage) loads.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import torch
 from ...shared.errors import DCGenError
 from .common import Stage, TrainConfig, progress_bar, resolve_runtime, run_stage
 from .cache import open_cache
-from .model import Denoiser, grid_ratio, install_embedding, load_base_transformer, save_embedding, teacher_tokens
+from .families import training_family
+from .model import grid_ratio
+from .fsdp import shard_model
 from .objectives import ALIGN_MODES, alignment_loss, alignment_regression, denoising_loss, resolve_objective
 from .state import CheckpointManager
 
@@ -34,27 +39,33 @@ EMBED_STAGE, HEAD_STAGE = "align-embedder", "align-head"
 
 @dataclass
 class AlignResult:
-    model: object  # the diffusers FluxTransformer2DModel with the aligned embedder/head
+    model: object  # the diffusers FluxTransformer2DModel / SanaTransformer2DModel with the aligned embedder/head
     embedding_path: str | None
     losses: dict = field(default_factory=dict)  # stage name -> per-step losses of this call
     objective: str = ""
 
 
-def _as_model(base, rt):
+def _as_model(base, rt, family):
     if isinstance(base, torch.nn.Module):
         return base
-    return load_base_transformer(base, dtype=rt.dtype, device=rt.device)
+    return family.load_base_transformer(base, dtype=rt.dtype, device=rt.base_device)
 
 
 def _student_grid(embedder, latent):
+    if isinstance(embedder, torch.nn.Conv2d):  # SANA's patch embedder: a 1x1 conv on the latent grid
+        return embedder(latent).float()
     b, c, h, w = latent.shape
     tokens = embedder(latent.permute(0, 2, 3, 1).reshape(b, h * w, c))
     return tokens.float().reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
-def solve_alignment(cache, teacher, channels: int, mode: str, batch_size: int, device, progress: bool = True):
-    """(weight [hidden, C], bias [hidden]) minimising the alignment MSE over the whole cache (float64)."""
+def solve_alignment(cache, teacher, channels: int, mode: str, batch_size: int, device, progress: bool = True,
+                    teacher_tokens=None):
+    """(weight [hidden, C], bias [hidden]) minimising the alignment MSE over the whole cache (float64).
+    ``teacher_tokens``: the family's (default: FLUX's, on 2x2 patches)."""
+    if teacher_tokens is None:
+        from .model import teacher_tokens
     hidden = teacher.weight.shape[0]
     gram = torch.zeros(channels + 1, channels + 1, dtype=torch.float64, device=device)
     cross = torch.zeros(channels + 1, hidden, dtype=torch.float64, device=device)
@@ -83,7 +94,8 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
           embed_lr: float = 1e-3, solver: str = "adam", train_embedder: bool = False, cfg: TrainConfig | None = None,
           name: str = "dcgen", on_step=None) -> AlignResult:
     """Run both alignment steps; ``cfg.steps`` / ``cfg.lr`` are the head stage's. ``base``: a path or an already
-    loaded FluxTransformer2DModel (frozen base FLUX, 64 input channels); ``out`` None writes nothing."""
+    loaded FluxTransformer2DModel (frozen base FLUX, 64 input channels) or SanaTransformer2DModel (frozen base SANA,
+    32 channels): it decides the family, which the cache's must match; ``out`` None writes nothing."""
     cfg = cfg or TrainConfig()
     cfg.validate()
     if mode not in ALIGN_MODES:
@@ -100,19 +112,17 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
     if (embed_steps > 0 or solver == "lstsq") and not cache.has_base_latents:
         raise DCGenError("align: expected base-VAE latents in the cache (the teacher's input), found none. Prepare "
                          "it with --base-vae.")
-    model = _as_model(base, rt)
-    if model.x_embedder.in_features != 64:
-        raise DCGenError(f"{getattr(model, 'source', 'base transformer')}: expected the base FLUX (64 = 16 latent "
-                         f"channels x 2x2 patches per token), found an embedder of {model.x_embedder.in_features} "
-                         "inputs (already a DC-Gen model?).")
-    teacher = model.x_embedder
+    family = training_family(base, cache, cfg.objective)
+    model = _as_model(base, rt, family)
+    teacher = family.base_embedder(model).to(rt.device)  # (loaded on the CPU under FSDP)
     torch.manual_seed(cfg.seed)
-    embedder, head = install_embedding(model, channels, device=rt.device)
+    embedder, head = family.install_embedding(model, channels, device=rt.device)
     if rt.gradient_checkpointing and train_embedder:
         model.enable_gradient_checkpointing()
+    shard_model(model, rt, keep=(embedder, head))  # --sharding fsdp: the frozen base's weights
     saved = {"x_embedder.weight": embedder.weight, "x_embedder.bias": embedder.bias,
              "proj_out.weight": head.weight, "proj_out.bias": head.bias}
-    structure = {"kind": "align", "channels": channels, "hidden": int(embedder.out_features), "mode": mode,
+    structure = {"kind": "align", "channels": channels, "hidden": family.hidden_size(model), "mode": mode,
                  "solver": solver, "embed_steps": embed_steps, "train_embedder": train_embedder,
                  "ema": cfg.ema_decay > 0, "global_batch": rt.global_batch}
     checkpoints = CheckpointManager(out, structure, cfg.keep_checkpoints) if out else None
@@ -120,20 +130,21 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
     result = AlignResult(model=model, embedding_path=None)
     result.objective = resolve_objective(cfg.objective, bool(model.config.guidance_embeds))
     # built before stage 1, so that a cache lacking what stage 2 needs fails at once
-    loss_fn = denoising_loss(Denoiser(model, rt), cache, cfg, rt.device) if cfg.steps > 0 else None
+    loss_fn = denoising_loss(family.Denoiser(model, rt), cache, cfg, rt.device) if cfg.steps > 0 else None
 
     # stage 1: the embedder (skipped when resuming in stage 2: the checkpoint holds it)
     if resume is None or resume.stage == EMBED_STAGE:
         if solver == "lstsq":
-            w, b = solve_alignment(cache, teacher, channels, mode, cfg.batch_size, rt.device, cfg.progress)
+            w, b = solve_alignment(cache, teacher, channels, mode, cfg.batch_size, rt.device, cfg.progress,
+                                   family.teacher_tokens)
             with torch.no_grad():
-                embedder.weight.copy_(w)
+                embedder.weight.copy_(w.view_as(embedder.weight))
                 embedder.bias.copy_(b)
         elif embed_steps > 0:
             def embed_loss(indices, generator, part=None):
                 b = cache.batch(indices[part or slice(None)], rt.device, keys=("base_latents", "dcae_latents"))
                 with torch.no_grad(), rt.autocast_context():
-                    target = teacher_tokens(teacher, b["base_latents"])
+                    target = family.teacher_tokens(teacher, b["base_latents"])
                 with rt.autocast_context():
                     student = _student_grid(embedder, b["dcae_latents"])
                 grid_ratio(target.shape[-2:], student.shape[-2:])
@@ -166,7 +177,8 @@ def align(cache, base, out: str | None, *, channels: int, mode: str = "upsample"
         meta = {"dcgen_stage": "align", "latent_channels": channels, "mode": mode, "solver": solver,
                 "embed_steps": embed_steps, "head_steps": cfg.steps, "objective": result.objective,
                 "base": getattr(model, "source", ""), "seed": cfg.seed}
-        result.embedding_path = save_embedding(os.path.join(out, f"{name}-embedding.safetensors"), model, meta)
+        result.embedding_path = family.save_embedding(os.path.join(out, f"{name}-embedding.safetensors"), model,
+                                                      meta)
         with open(os.path.join(out, f"{name}-align.json"), "w", encoding="utf-8") as f:
             json.dump({**meta, "config": cfg.to_dict(), "losses": result.losses}, f, indent=1)
     return result

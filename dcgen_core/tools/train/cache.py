@@ -39,6 +39,7 @@ class CacheWriter:
     def _resume(self, path: str):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
+        old.setdefault("family", "flux")  # caches from before the field were FLUX's
         differ = sorted(k for k in set(self.meta) | {"text_dtype"}
                         if (old.get("text_dtype") if k == "text_dtype" else old.get(k)) !=
                         (str(self.text_dtype).replace("torch.", "") if k == "text_dtype" else
@@ -119,7 +120,9 @@ class CacheWriter:
 def write_cache(out_dir: str, items, meta: dict, null_text=None, shard_size: int = 256,
                 text_dtype: torch.dtype = torch.bfloat16) -> str:
     """Write a cache from ``items``: (name, caption, {"base_latents": [16, H/8, W/8] or None, "dcae_latents":
-    [C, H/f, W/f], "context": [T, D], "pooled": [P]}). ``meta`` goes into the index (see :func:`prepare`)."""
+    [C, H/f, W/f], "context": [T, D], "pooled": [P]}; SANA: "base_latents" [32, H/32, W/32], "context" [T, 2304],
+    "context_mask" [T], no "pooled"). ``meta`` goes into the index (see :func:`prepare`); its "family" ("sana";
+    absent: "flux") is :attr:`LatentCache.family`."""
     writer = CacheWriter(out_dir, meta, shard_size, text_dtype)
     for name, caption, tensors in items:
         writer.add(name, caption, tensors)
@@ -167,6 +170,12 @@ class LatentCache:
     def has_base_latents(self) -> bool:
         return "base_latents" in self.index["shapes"]
 
+    @property
+    def family(self) -> str:
+        """The model family the cache was prepared for (its text embeddings): "flux" (caches without the field) or
+        "sana"."""
+        return self.index.get("family", "flux")
+
     def _handle(self, shard: int):
         if shard not in self._handles:
             file = os.path.join(self.folder, self.index["shards"][shard]["file"])
@@ -197,9 +206,11 @@ class LatentCache:
 class MemoryCache:
     """A cache held in memory ({key: stacked tensor}); same interface as :class:`LatentCache` (GPU sizing, tests)."""
 
-    def __init__(self, tensors: dict, null_text: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, tensors: dict, null_text: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 family: str = "flux"):
         self.tensors = tensors
         self._null = null_text
+        self.family = family
         self.index = {"shapes": {k: list(v.shape[1:]) for k, v in tensors.items()}}
 
     def __len__(self):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ...shared.errors import DCGenError
+from .fsdp import SHARDINGS, clip_grad_norm_, is_sharded
 
 log = logging.getLogger("dcgen.train")
 
@@ -48,6 +49,7 @@ class TrainConfig:
     logit_std: float = 1.0
     overfit: bool = False  # the same batch, noise and timesteps every step (a sanity check)
     progress: bool = True
+    sharding: str = "auto"  # none, fsdp (fsdp.py); auto: fsdp under `accelerate launch --use_fsdp`
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +74,8 @@ class TrainConfig:
                              f"{self.guidance_max}.")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise DCGenError(f"--precision: expected auto, fp32 or bf16, found {self.precision!r}.")
+        if self.sharding not in SHARDINGS:
+            raise DCGenError(f"--sharding: expected one of {', '.join(SHARDINGS)}, found {self.sharding!r}.")
         if self.gradient_checkpointing not in ("auto", "on", "off"):
             raise DCGenError(f"--gradient-checkpointing: expected auto, on or off, found "
                              f"{self.gradient_checkpointing!r}.")
@@ -88,6 +92,13 @@ class Runtime:
     procs: object = None  # distributed.Processes
     batch_size: int = 1
     grad_accum: int = 1
+    sharding: str = "none"  # fsdp: the transformer's weights sharded over the processes (fsdp.py)
+
+    @property
+    def base_device(self) -> torch.device:
+        """Where the frozen base is loaded: with FSDP on the CPU, each block's shard then moved to ``device``
+        (no process ever holds the whole model on its GPU)."""
+        return torch.device("cpu") if self.sharding == "fsdp" else self.device
 
     @property
     def global_batch(self) -> int:
@@ -109,7 +120,8 @@ class Runtime:
 
     def describe(self) -> str:
         return (f"{self.device} {'bf16 autocast' if self.autocast else 'fp32'}"
-                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}; {self.procs.describe()}; "
+                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}; {self.procs.describe()}"
+                f"{f', fsdp (weights sharded over {self.procs.world})' if self.sharding == 'fsdp' else ''}; "
                 f"global batch {self.global_batch} = {self.batch_size} per device x {self.procs.world} processes x "
                 f"{self.grad_accum} accumulation")
 
@@ -141,6 +153,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
     from .distributed import processes
+    from .fsdp import resolve_sharding
 
     procs = processes(cpu=cfg.device == "cpu")
     device = procs.device if (procs.device is not None and cfg.device == "auto") else resolve_device(cfg.device)
@@ -153,7 +166,8 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     ckpt = cfg.gradient_checkpointing
     ckpt = (device.type == "cuda") if ckpt == "auto" else ckpt == "on"
     rt = Runtime(device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                 gradient_checkpointing=ckpt, procs=procs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum)
+                 gradient_checkpointing=ckpt, procs=procs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                 sharding=resolve_sharding(cfg.sharding, procs.world))
     if procs.is_main:
         print(f"training on {rt.describe()}", file=sys.stderr, flush=True)
     return rt
@@ -317,14 +331,16 @@ def run_stage(stage: Stage, cfg: TrainConfig, cache, checkpoints=None, resume=No
     groups = cache.groups() if hasattr(cache, "groups") else cache
     sampler = BatchSampler(groups, global_batch, stage.seed, overfit=cfg.overfit)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    checkpoints = checkpoints if procs.is_main else None
+    plist = list(params.values())
+    # FSDP: every process takes part in gathering a checkpoint's shards; the main one alone writes
+    checkpoints = checkpoints if procs.is_main or any(is_sharded(p) for p in [*plist, *saved_params.values()]) \
+        else None
     step = stage.start
     if resume is not None:
         resume.load_params(saved_params)
         step = resume.restore(optimizer, sampler, ema, params)
     total = stage.end - stage.start
     bar = progress_bar(total, stage.name, cfg.progress and procs.is_main, initial=step - stage.start)
-    plist = list(params.values())
     ran = False
     try:
         while step < stage.end:
@@ -347,10 +363,10 @@ def run_stage(stage: Stage, cfg: TrainConfig, cache, checkpoints=None, resume=No
                 for p in plist:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                procs.average_([p.grad for p in plist])
+                procs.average_([p.grad for p in plist if not is_sharded(p.grad)])  # FSDP averaged the shards'
                 value = procs.mean(value)
             if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm, foreach=False)
+                clip_grad_norm_(plist, cfg.max_grad_norm)
             optimizer.step()
             if ema is not None:
                 ema.update(params)
@@ -366,13 +382,14 @@ def run_stage(stage: Stage, cfg: TrainConfig, cache, checkpoints=None, resume=No
             if checkpoints is not None and cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0 \
                     and step < stage.end:
                 checkpoints.save(step, stage.name, saved_params, list(params), optimizer, sampler, ema,
-                                 extra_state or {})
+                                 extra_state or {}, write=procs.is_main)
     finally:
         bar.close()
     # the end of a stage is always kept when checkpointing (live weights and EMA): a resumed run goes on with the
     # next stage, or with more steps of this one exactly as an uninterrupted run would
     if checkpoints is not None and cfg.checkpoint_every > 0 and ran:
-        checkpoints.save(step, stage.name, saved_params, list(params), optimizer, sampler, ema, extra_state or {})
+        checkpoints.save(step, stage.name, saved_params, list(params), optimizer, sampler, ema, extra_state or {},
+                         write=procs.is_main)
     procs.barrier()
     if ema is not None:  # the stage's result is the EMA (the recipe merges an EMA of the LoRA)
         ema.copy_to(params)

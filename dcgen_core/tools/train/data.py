@@ -1,28 +1,33 @@
 """Training data: an image folder with captions -> a latent cache (safetensors shards + ``index.json``).
 
-Each item holds the image's base-VAE latent (FLUX's 16-channel AutoencoderKL, ``(z - shift) * scale``), its DC-AE
-latent (the pack's DC-AE, any variant, ``z * scaling_factor``: the spaces the models sample in) and its caption's
-text embeddings (T5 context + CLIP pooled for FLUX). The embeddings of the empty caption, which the
-guidance-distilled objective needs, are stored once in ``null_text.safetensors``.
+Each item holds the image's base-VAE latent (the alignment teacher's input: FLUX's 16-channel AutoencoderKL,
+``(z - shift) * scale``, or SANA's DC-AE f32c32, ``z * scaling_factor``), its DC-AE latent (the pack's DC-AE, any
+variant, ``z * scaling_factor``: the spaces the models sample in) and its caption's text embeddings (FLUX: T5
+``context`` + CLIP ``pooled``; SANA: Gemma-2 ``context`` + ``context_mask``). The index records the ``family``. For
+FLUX the embeddings of the empty caption, which the guidance-distilled objective needs, are stored once in
+``null_text.safetensors``; SANA's training is CFG-free and SANA has no pooled embedding, so none is stored.
 
 Text encoders: ``--text-encoder`` a FLUX diffusers pipeline folder (CLIP-L ``text_encoder``/``tokenizer``, T5-XXL
-``text_encoder_2``/``tokenizer_2``), or ``--text-embeddings-from`` a safetensors of precomputed embeddings
-(``<image stem>.context`` [T, D], ``<image stem>.pooled`` [P], and ``__null__.context``/``__null__.pooled``), or
+``text_encoder_2``/``tokenizer_2``) or a SANA one (Gemma-2 ``text_encoder``/``tokenizer``: sana_text.py), or
+``--text-embeddings-from`` a safetensors of precomputed embeddings (``<image stem>.context`` [T, D],
+``<image stem>.pooled`` [P], and ``__null__.context``/``__null__.pooled``; SANA: ``.context``, ``.context_mask``), or
 ``hash:D,P,T``: a deterministic stand-in (embeddings drawn from a generator seeded by the caption's SHA-256), for
-tests and dry runs without T5/CLIP weights.
+tests and dry runs without T5/CLIP weights (``hash:D,0,T``: SANA's). The family: prepare_family.py.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from ...shared.errors import DCGenError
 from .cache import CacheWriter
-from .encoders import BaseVAE, DCAEEncoder, make_text_encoder
+from .encoders import DCAEEncoder
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, nearest_bucket, parse_buckets, report_bad, scan_folder,
                      validate)
+from .prepare_family import TEXT_KEYS, base_token, make_base, make_text, resolve_family
 
 __all__ = ["IMAGE_EXTENSIONS", "load_image", "parse_resolution", "prepare", "scan_images"]
 
@@ -78,13 +83,15 @@ def load_image(path: str, width: int, height: int) -> torch.Tensor:
 def prepare(data_dir: str, out: str, *, dcae: str, base_vae: str | None = None, dcae_variant: str = "auto",
             text_encoder: str | None = None, text_embeddings_from: str | None = None, resolution="1024",
             batch_size: int = 4, shard_size: int = 256, device: str = "auto", text_dtype: str = "bfloat16",
-            max_sequence_length: int = 512, progress: bool = True, buckets: str = "auto", max_aspect: float = 2.0,
-            strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, log=print) -> str:
+            max_sequence_length: int | None = None, progress: bool = True, buckets: str = "auto",
+            max_aspect: float = 2.0, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, family: str = "auto",
+            log=print) -> str:
     """Encode every good captioned image of ``data_dir`` into a cache at ``out``; returns the index path.
 
     Every image is validated before any model loads (bad ones listed and skipped, or refused with ``strict``);
     shards are written as they fill, with the index rewritten after each, so a run stopped part-way resumes:
-    a second call with the same settings encodes only what the index does not hold yet."""
+    a second call with the same settings encodes only what the index does not hold yet. ``family`` (auto, flux,
+    sana; see prepare_family.py) picks the base VAE, text encoder and text length (None: FLUX 512, SANA 300)."""
     from .common import progress_bar, resolve_device
 
     log = log or (lambda *_: None)
@@ -92,6 +99,7 @@ def prepare(data_dir: str, out: str, *, dcae: str, base_vae: str | None = None, 
     if tdtype is None:
         raise DCGenError(f"--text-dtype: expected bfloat16, float16 or float32, found {text_dtype!r}.")
     width, height = parse_resolution(resolution)
+    family = resolve_family(family, text_encoder, text_embeddings_from)
     items = scan_folder(data_dir)
     bad = validate(items, max_pixels, progress)
     report_bad(bad, data_dir, strict, log)
@@ -102,17 +110,21 @@ def prepare(data_dir: str, out: str, *, dcae: str, base_vae: str | None = None, 
     dev = resolve_device(device)
     enc_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     dc = DCAEEncoder(dcae, dcae_variant, dev, enc_dtype)
-    base = BaseVAE(base_vae, dev, enc_dtype) if base_vae else None
-    step = dc.factor if base is None else max(dc.factor, base.factor * 2)
+    base = make_base(base_vae, family, dev, enc_dtype) if base_vae else None
+    token = base_token(family, base) if base else dc.factor
+    step = math.lcm(dc.factor, token)  # a bucket on both grids: the target DC-AE's and the base model's tokens
     if width % step or height % step:
         raise DCGenError(f"--resolution {width}x{height}: expected multiples of {step} (the DC-AE's f{dc.factor}"
-                         f"{' and FLUX 2x2 patches of the /8 latent' if base else ''}), found another size.")
-    if base is not None and (dc.factor % (base.factor * 2)):
-        raise DCGenError(f"--dcae f{dc.factor}: expected a compression that is a multiple of FLUX's token size "
-                         f"{base.factor * 2} (DC-AE f32 / f64 / f128).")
+                         f"{f' and the {family.upper()} base model tokens of {token} px' if base else ''}), found "
+                         "another size.")
+    if dc.factor % token:
+        raise DCGenError(f"--dcae f{dc.factor}: expected a compression that is a multiple of {family.upper()}'s "
+                         f"token size {token} (DC-AE f32 / f64 / f128).")
     sizes = parse_buckets(buckets, width, height, step, max_aspect)
-    text = make_text_encoder(text_encoder, text_embeddings_from, dev, enc_dtype, max_sequence_length)
-    meta = {"resolution": [width, height], "buckets": [list(b) for b in sizes], "dcae": dc.describe(),
+    text = make_text(family, text_encoder, text_embeddings_from, dev, enc_dtype, max_sequence_length)
+    text_keys = TEXT_KEYS[family]
+    meta = {"family": family, "resolution": [width, height], "buckets": [list(b) for b in sizes],
+            "dcae": dc.describe(),
             "base_vae": base.describe() if base else None, "text": text.describe(),
             "data_dir": os.path.abspath(data_dir)}
     writer = CacheWriter(out, meta, shard_size, tdtype, resume=True)
@@ -130,12 +142,14 @@ def prepare(data_dir: str, out: str, *, dcae: str, base_vae: str | None = None, 
                 images = torch.stack([load_image(it.path, bw, bh) for it in chunk])
                 dl = dc.encode(images)
                 bl = base.encode(images) if base else None
-                ctx, pooled = text.encode([it.name for it in chunk], [it.caption for it in chunk])
+                embedded = text.encode([it.name for it in chunk], [it.caption for it in chunk])
                 for j, it in enumerate(chunk):
                     writer.add(it.name, it.caption, {"base_latents": None if bl is None else bl[j],
-                                                     "dcae_latents": dl[j], "context": ctx[j], "pooled": pooled[j]},
+                                                     "dcae_latents": dl[j],
+                                                     **{k: v[j] for k, v in zip(text_keys, embedded)}},
                                bucket=(bw, bh))
                 bar.update(len(chunk))
     finally:
         bar.close()
-    return writer.close(text.null(), skipped=[{"path": it.path, "problem": it.problem} for it in bad])
+    return writer.close(text.null() if family == "flux" else None,  # SANA: CFG-free, no empty caption stored
+                        skipped=[{"path": it.path, "problem": it.problem} for it in bad])

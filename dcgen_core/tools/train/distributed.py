@@ -12,6 +12,9 @@ identical everywhere and the result equals a one-process run of the same global 
 Only the main process writes files and shows progress and logs. A checkpoint holds nothing per process, so a run
 resumes with another process count as long as the global batch (per-device batch x processes x accumulation)
 is the same.
+
+With ``--sharding fsdp`` (fsdp.py) the transformer's weights are sharded instead of replicated: FSDP reduces the
+sharded gradients itself, and :meth:`Processes.average_` is left the whole ones (the embedder/head).
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@ A bad item (no caption, an unreadable or empty caption, a file PIL cannot open o
 than ``--max-pixels``: PIL's decompression-bomb case) is listed with its reason and skipped, or, with ``--strict``,
 refused as a whole before anything is encoded.
 
-Buckets: sizes ``w x h`` on the grid ``step`` (the DC-AE's downsampling factor, and FLUX's 2x2 patch of the /8
-latent when base-VAE latents are cached) with ``w * h`` at most the ``--resolution`` area and aspect ratios up to
-``--max-aspect``; each image goes to the bucket of the nearest aspect ratio (log scale), resized to cover it and
-centre-cropped. Training draws each batch within one bucket.
+Buckets: sizes ``w x h`` on the grid ``step`` (the DC-AE's downsampling factor, and the base model's token when
+base-VAE latents are cached: FLUX's 2x2 patch of the /8 latent, SANA's f32 latent) with ``w * h`` at most the
+``--resolution`` area and aspect ratios up to ``--max-aspect``; each image goes to the bucket of the nearest aspect
+ratio (log scale), resized to cover it and centre-cropped. Training draws each batch within one bucket.
 """
 
 from __future__ import annotations

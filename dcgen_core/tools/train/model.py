@@ -16,6 +16,7 @@ from ...flux.keys import (SCALE_SHIFT_SWAPPED_MODULES, diffusers_flux_module_nam
                           diffusers_to_bfl, flux_config_from_state_dict, is_bfl_flux, is_diffusers_flux,
                           swap_scale_shift)
 from ...shared.keys import strip_prefix
+from .objectives import shift_for_latent
 
 #: PEFT targets of the recipe: every attention q/k/v/out (incl. the added/context ones) and feed-forward linear of
 #: the double blocks, and the single blocks' q/k/v, proj_mlp and proj_out. Matched with re.fullmatch (the top-level
@@ -25,6 +26,9 @@ LORA_TARGET_REGEX = (
     r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))"
     r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"
 )
+
+#: LoRA key prefix (``transformer.<diffusers module>``: core ComfyUI and the pack map FLUX's diffusers names).
+LORA_KEY_PREFIX = "transformer."
 
 _CONFIG_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "num_single_layers",
                 "attention_head_dim", "num_attention_heads", "joint_attention_dim", "pooled_projection_dim",
@@ -136,10 +140,23 @@ def new_linear(in_features: int, out_features: int, device=None) -> nn.Linear:
     return layer
 
 
+def hidden_size(model) -> int:
+    return model.inner_dim if hasattr(model, "inner_dim") else model.x_embedder.out_features
+
+
+def base_embedder(model) -> nn.Linear:
+    """The frozen base FLUX's embedder (the alignment teacher); refuses a model that is already DC-Gen."""
+    if model.x_embedder.in_features != 64:
+        raise DCGenError(f"{getattr(model, 'source', 'base transformer')}: expected the base FLUX (64 = 16 latent "
+                         f"channels x 2x2 patches per token), found an embedder of {model.x_embedder.in_features} "
+                         "inputs (already a DC-Gen model?).")
+    return model.x_embedder
+
+
 def install_embedding(model, channels: int, embedding: dict | None = None, device=None):
     """Give ``model`` a 1x1 embedder [hidden, C] and head [C, hidden] (fp32): from ``embedding`` (diffusers names
     x_embedder/proj_out), else freshly initialised. Returns the two modules."""
-    hidden = model.inner_dim if hasattr(model, "inner_dim") else model.x_embedder.out_features
+    hidden = hidden_size(model)
     device = device or model.x_embedder.weight.device
     embedder, head = new_linear(channels, hidden, device), new_linear(hidden, channels, device)
     if embedding is not None:
@@ -172,11 +189,15 @@ def read_embedding(path: str) -> dict:
 
 def save_embedding(path: str, model, metadata: dict | None = None) -> str:
     """Write the model's embedder/head as an aligned-embedding file (diffusers names; the pack loads it)."""
+    return write_embedding(path, embedding_state_dict(model), metadata)
+
+
+def write_embedding(path: str, sd: dict, metadata: dict | None = None) -> str:
+    """Write the aligned-embedding tensors ``sd`` after the checks the pack applies when loading them."""
     from safetensors.torch import save_file
 
     from ...shared.embedding import parse_aligned_embedding
 
-    sd = embedding_state_dict(model)
     parse_aligned_embedding(sd, source=path)  # the same checks the pack applies when loading it
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(sd, path, metadata={k: str(v) for k, v in (metadata or {}).items()})
@@ -221,6 +242,9 @@ def image_ids(h: int, w: int, device=None) -> torch.Tensor:
 class Denoiser:
     """``F(x_t, sigma, context, pooled, guidance)``: the transformer's velocity for a (B, C, h, w) latent, as the
     authors' pipeline calls it (1x1 tokens, ids [0, row, col], timestep = sigma, FLUX guidance embedding)."""
+
+    text_keys = ("context", "pooled")  # the cache entries passed after sigma
+    time_shift = staticmethod(shift_for_latent)  # training timesteps: the DC-Gen inference shift of the latent
 
     def __init__(self, model, runtime=None):
         self.model = model

@@ -38,6 +38,7 @@ def noisy_sample(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> tu
 
 
 def flow_matching_loss(denoiser, x_t, sigma, context, pooled, v_target, guidance=None) -> torch.Tensor:
+    """mean |F(x_t, sigma, text) - v*|^2; ``pooled``: the second text input (SANA: the caption's attention mask)."""
     v = denoiser(x_t, sigma, context, pooled, guidance)
     return F.mse_loss(v.float(), v_target.float())
 
@@ -112,15 +113,16 @@ def denoising_loss(denoiser, cache, cfg, device):
     latents. Random draws, in order, from the step's CPU generator: sigmas, noise, guidance values."""
     objective = resolve_objective(cfg.objective, denoiser.guidance_embeds)
     null = cache.null_text(device) if objective == "guidance-distilled" else None
+    text_keys = denoiser.text_keys  # FLUX: context, pooled; SANA: context, context_mask
 
     def loss_fn(indices, generator, part: slice | None = None):
         """The loss on ``indices[part]``; the draws are made for all of ``indices`` (the global batch), so any
         split of it over processes and micro-steps sees the same noise, times and guidance per item."""
         part = part if part is not None else slice(0, len(indices))
-        b = cache.batch(indices[part], device, keys=("dcae_latents", "context", "pooled"))
+        b = cache.batch(indices[part], device, keys=("dcae_latents", *text_keys))
         x0 = b["dcae_latents"]
         n, total = x0.shape[0], len(indices)
-        sigma = sample_sigmas(total, generator, shift_for_latent(x0), cfg.logit_mean, cfg.logit_std)[part]
+        sigma = sample_sigmas(total, generator, denoiser.time_shift(x0), cfg.logit_mean, cfg.logit_std)[part]
         eps = torch.randn((total, *x0.shape[1:]), generator=generator)[part].to(device)
         sigma = sigma.to(device)
         x_t, v_target = noisy_sample(x0, eps, sigma)
@@ -129,7 +131,7 @@ def denoising_loss(denoiser, cache, cfg, device):
             return guidance_distilled_loss(denoiser, x_t, sigma, b["context"], b["pooled"], null[0], null[1], w,
                                            v_target)
         guidance = torch.full((n,), float(cfg.guidance), device=device) if denoiser.guidance_embeds else None
-        return flow_matching_loss(denoiser, x_t, sigma, b["context"], b["pooled"], v_target, guidance)
+        return flow_matching_loss(denoiser, x_t, sigma, *(b[k] for k in text_keys), v_target, guidance)
 
     loss_fn.objective = objective
     return loss_fn

@@ -8,7 +8,8 @@ A checkpoint is a folder ``<out>/checkpoints/step-00000100/`` holding
 * ``state.json``: step, stage, parameter order and shapes, optimizer hyper-parameters, sampler position and the
   run's structure (what must match to resume).
 
-It is written into a temporary folder and renamed, so an interrupted save never leaves a half checkpoint.
+It is written into a temporary folder and renamed, so an interrupted save never leaves a half checkpoint. Under FSDP
+the shards are gathered into whole tensors (the same format), and loading cuts them into this process's shards.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...shared.errors import DCGenError
+from .fsdp import gather_full, is_sharded, like
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -29,8 +31,9 @@ FORMAT = "dcgen-train-checkpoint"
 VERSION = 1
 
 
-def _contiguous(sd: dict) -> dict:
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+def _contiguous(sd: dict, keep: bool = True) -> dict:
+    """Whole CPU tensors (FSDP shards gathered; ``keep`` False: gathered for the writer, {} returned)."""
+    return gather_full(sd, keep)
 
 
 class LoadedCheckpoint:
@@ -72,7 +75,7 @@ class LoadedCheckpoint:
                 if tuple(src.shape) != tuple(p.shape):
                     raise DCGenError(f"{self.path}: expected '{k}' of shape {list(p.shape)}, found "
                                      f"{list(src.shape)}.")
-                p.copy_(src.to(p.dtype))
+                p.copy_(like(src.to(p.dtype), p))  # FSDP: this process's shard of the whole tensor
 
     def restore(self, optimizer, sampler, ema, params: dict) -> int:
         """Optimizer moments, sampler, EMA and RNG states of the stage; returns the step to continue from."""
@@ -87,14 +90,18 @@ class LoadedCheckpoint:
                 state.setdefault(int(m[1]), {})[m[2]] = value
         for i, scalars in self.info["optimizer"].get("scalars", {}).items():
             state.setdefault(int(i), {}).update(scalars)
+        plist = list(params.values())
+        for i, st in state.items():
+            if i < len(plist) and is_sharded(plist[i]):
+                st.update({k: like(v, plist[i]) for k, v in st.items() if torch.is_tensor(v) and k != "step"})
         optimizer.load_state_dict({"state": state, "param_groups": self.info["optimizer"]["param_groups"]})
         sampler.load_state(self.state, self.info["sampler"], self.path)
         if ema is not None:
-            for k in params:
+            for k, p in params.items():
                 if f"ema.{k}" not in self.model:
                     raise DCGenError(f"{self.path}: expected an EMA of '{k}' (the run uses --ema-decay), found "
                                      "none. Resume with the --ema-decay it was started with.")
-                ema.shadow[k] = self.model[f"ema.{k}"].float().clone()
+                ema.shadow[k] = like(self.model[f"ema.{k}"].float().clone(), p)
         torch.set_rng_state(self.state["rng.torch"])
         cuda = sorted(k for k in self.state if k.startswith("rng.cuda."))
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -137,25 +144,31 @@ class CheckpointManager:
         return ckpt
 
     def save(self, step: int, stage: str, params: dict, stage_params: list, optimizer, sampler, ema,
-             extra: dict) -> str:
+             extra: dict, write: bool = True) -> str | None:
         """``params``: every trained tensor of the run (name -> tensor); ``stage_params``: the names the optimizer
-        holds, in its order."""
+        holds, in its order. ``write`` False (FSDP, a process other than the main one): only take part in gathering
+        the shards."""
+        model = {f"param.{k}": p for k, p in params.items()}
+        if ema is not None:
+            model.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+        model = _contiguous(model, write)
+        opt = optimizer.state_dict()
+        moments = _contiguous({f"{i}.{key}": v for i, st in opt["state"].items() for key, v in st.items()
+                               if torch.is_tensor(v)}, write)
+        if not write:
+            return None
         os.makedirs(self.folder, exist_ok=True)
         final = os.path.join(self.folder, f"step-{step:08d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        model = {f"param.{k}": p for k, p in params.items()}
-        if ema is not None:
-            model.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-        save_file(_contiguous(model), os.path.join(tmp, "model.safetensors"))
+        save_file(model, os.path.join(tmp, "model.safetensors"))
 
-        opt = optimizer.state_dict()
         tensors, scalars = {}, {}
         for i, st in opt["state"].items():
             for key, value in st.items():
                 if torch.is_tensor(value):
-                    tensors[f"optim.{i}.{key}"] = value
+                    tensors[f"optim.{i}.{key}"] = moments[f"{i}.{key}"]
                 else:
                     scalars.setdefault(str(i), {})[key] = value
         sampler_tensors, sampler_info = sampler.state()
