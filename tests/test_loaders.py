@@ -139,3 +139,10 @@ def test_files_changed_after_loading_do_not_touch_the_model(comfyui, tiny_dcgen,
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"exit {out.returncode} (-7 is SIGBUS):\n{out.stderr[-2000:]}"
     assert json.loads(out.stdout.strip().splitlines()[-1])["same"]
+
+
+@pytest.mark.parametrize("dtype,fast", [("fp8_e4m3fn_fast", True), ("fp8_e4m3fn", False)])
+def test_fp8_fast_turns_on_cores_fp8_matmuls(comfyui, comfy_models, dtype, fast):
+    model = _load(comfyui, comfy_models.dcgen, dtype)
+    assert model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    assert model.model.model_config.optimizations.get("fp8", False) is fast

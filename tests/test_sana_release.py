@@ -207,3 +207,15 @@ def test_training_refuses_the_same_unknown_resolution(tmp_path):
     path = _diffusers_file(str(tmp_path / "named" / "Sana_1600M_4Kpx_BF16.safetensors"))
     with pytest.raises(DCGenError, match="expected the transformer's config.json"):
         load_base_transformer(path)
+
+
+@pytest.mark.parametrize("weight_dtype,fast", [("fp8_e4m3fn_fast", True), ("fp8_e4m3fn", False)])
+def test_fp8_fast_turns_on_cores_fp8_matmuls(comfyui, tmp_path, weight_dtype, fast):
+    """The weight_dtype choice "fp8_e4m3fn_fast" sets core's fp8 optimization as core's loaders (and the pack's FLUX,
+    Qwen-Image and Wan loaders) do; SANA's loader used to drop it."""
+    from dcgen_core.sana.comfy_model import load_sana_transformer
+
+    path = _diffusers_file(str(tmp_path / "fp8" / "sana.safetensors"), {})
+    model = load_sana_transformer(path, weight_dtype)
+    assert model.model.diffusion_model.transformer_blocks[0].attn1.to_q.weight.dtype == torch.float8_e4m3fn
+    assert model.model.model_config.optimizations.get("fp8", False) is fast

@@ -11,7 +11,7 @@ from ..shared.checkpoints import check_tensors_match, load_checkpoint, owned, we
 from ..shared.comfy_compat import make_model_patcher
 from ..shared.errors import DCGenError
 from ..shared.keys import strip_prefix
-from ..shared.latent_space import SPATIAL_COMPRESSION, load_with_cached_init, resolve_scaling, set_inference_dtypes
+from ..shared.latent_space import SPATIAL_COMPRESSION, build_on_meta, load_with_cached_init, resolve_scaling
 from ..shared.quant.svdquant.folder import split_file_hint
 from .dcgen import _install_latent_space
 from .keys import diffusers_to_bfl, flux_config_from_state_dict, is_bfl_flux, is_diffusers_flux
@@ -44,17 +44,8 @@ def build_comfy_flux(sd_bfl: dict, cfg, weight_dtype: str = "default", source: s
     module, already loaded) swaps in modules that hold their own weights (4-bit SVDQuant linears); ``sd_bfl``
     then carries only shape stand-ins for their weights.
     """
-    import comfy.model_management as mm
-
     model_config = flux_model_config(sd_bfl, cfg, source)
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd_bfl, load_device)
-    if weight_dtype == "fp8_e4m3fn_fast":
-        model_config.optimizations["fp8"] = True
-
-    model = model_config.get_model(sd_bfl, "", device="meta")
-    model.device = None
+    model, unet_dtype, load_device, offload_device = build_on_meta(model_config, sd_bfl, weight_dtype)
     dm = model.diffusion_model
     sd_bfl = flux_model_keys(model_config, sd_bfl)
     replaced = tuple(f"{path}." for path in (replace or {}))

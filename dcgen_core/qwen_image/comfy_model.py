@@ -13,7 +13,7 @@ from ..shared.checkpoints import check_tensors_match, load_checkpoint, owned, we
 from ..shared.comfy_compat import make_model_patcher
 from ..shared.errors import DCGenError
 from ..shared.keys import strip_prefix
-from ..shared.latent_space import load_with_cached_init, resolve_scaling, set_inference_dtypes
+from ..shared.latent_space import build_on_meta, load_with_cached_init, resolve_scaling
 from .dcgen import LATENT_CHANNELS, NAME, install_latent_space
 from .keys import config_from_state_dict
 from .scheduler import release_scheduler
@@ -49,19 +49,12 @@ def build_comfy_qwen_image(sd: dict, cfg, weight_dtype: str = "default", source:
     """A ComfyUI Qwen-Image ModelPatcher (core classes) holding ``sd``, built on the meta device and filled one
     tensor at a time in private memory."""
     import comfy.model_detection
-    import comfy.model_management as mm
 
     unet_config = cfg.comfy_kwargs()
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
     if model_config is None:
         raise DCGenError(f"{source}: ComfyUI has no Qwen-Image model class for config {unet_config}.")
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd, load_device)
-    if weight_dtype == "fp8_e4m3fn_fast":
-        model_config.optimizations["fp8"] = True
-    model = model_config.get_model(sd, "", device="meta")
-    model.device = None
+    model, unet_dtype, load_device, offload_device = build_on_meta(model_config, sd, weight_dtype)
     dm = model.diffusion_model
     expected = dict(dm.state_dict())
     sd = {k: v for k, v in sd.items() if not k.startswith("__")}  # core's marker buffers (2511) are not weights

@@ -16,9 +16,9 @@ import torch
 from ..shared.checkpoints import check_tensors_match, load_checkpoint, owned
 from ..shared.comfy_compat import archive_weight_dtypes, make_model_patcher
 from ..shared.errors import DCGenError
-from ..shared.latent_space import (SPATIAL_COMPRESSION, check_context_width, check_latent_channels,
+from ..shared.latent_space import (SPATIAL_COMPRESSION, build_on_meta, check_context_width, check_latent_channels,
                                    check_size_for_model, install_empty_latent_hook, install_preview_hook,
-                                   load_with_cached_init, make_latent_format, resolve_scaling, set_inference_dtypes)
+                                   load_with_cached_init, make_latent_format, resolve_scaling)
 from .keys import (is_diffusers_sana, is_original_sana, original_pos_embed_config, original_to_diffusers,
                    sana_config_from_state_dict, unwrap)
 from .model import SanaConfig, SanaTransformer
@@ -132,19 +132,13 @@ def _sana_outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **
 
 def build_comfy_sana(sd: dict, cfg: SanaConfig, weight_dtype: str, source: str, scaling: float,
                      disable_dynamic: bool = False, shift: float = SANA_FLOW_SHIFT, shift_reason: str = ""):
-    import comfy.model_management as mm
-
     if cfg.in_channels != cfg.out_channels or cfg.in_channels not in SPATIAL_COMPRESSION:
         raise DCGenError(f"{source}: expected a SANA transformer for a DC-AE latent (32, 128 or 512 channels in and "
                          f"out), found {cfg.in_channels} in / {cfg.out_channels} out.")
     config_cls, _ = comfy_classes()
     model_config = config_cls({"image_model": "sana", "sana_config": cfg.to_dict()})
     model_config.sampling_settings["shift"] = shift  # an instance copy: read when the model sampling is built
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd, load_device)
-    model = model_config.get_model(sd, "", device="meta")
-    model.device = None
+    model, unet_dtype, load_device, offload_device = build_on_meta(model_config, sd, weight_dtype)
     dm = model.diffusion_model
     check_tensors_match(dm.state_dict(), sd, source, f"a SANA transformer with {cfg.num_layers} blocks")
     # owned memory, one tensor at a time (a later change to the file cannot reach the model)

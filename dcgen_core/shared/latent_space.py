@@ -223,6 +223,21 @@ def load_with_cached_init(load, path: str, *args, vae=None):
     return m
 
 
+def build_on_meta(model_config, sd, weight_dtype: str):
+    """(model, weight dtype, load device, offload device): ``model_config``'s model built on the meta device (no
+    memory: the loader fills it one tensor at a time) with the dtypes a loader's ``weight_dtype`` widget asks for;
+    "fp8_e4m3fn_fast" also turns on core's fp8 matmuls, as core's loaders do for it."""
+    import comfy.model_management as mm
+
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd, load_device)
+    if weight_dtype == "fp8_e4m3fn_fast":
+        model_config.optimizations["fp8"] = True
+    model = model_config.get_model(sd, "", device="meta")
+    model.device = None
+    return model, unet_dtype, load_device, offload_device
+
+
 def set_inference_dtypes(model_config, weight_dtype: str, sd, load_device):
     """Set ``model_config``'s weight dtype (what a loader's ``weight_dtype`` widget asks for; "default" picks as core
     loaders do) and its manual-cast compute dtype for ``load_device``; returns the weight dtype."""

@@ -16,7 +16,7 @@ from ..shared.checkpoints import check_tensors_match, load_checkpoint, owned, we
 from ..shared.comfy_compat import make_model_patcher
 from ..shared.errors import DCGenError
 from ..shared.keys import strip_prefix
-from ..shared.latent_space import install_empty_latent_hook, set_inference_dtypes
+from ..shared.latent_space import build_on_meta, install_empty_latent_hook
 from ..shared.scheduler_config import config_number, read_scheduler_config
 from .conditioning import install_i2v_check
 from .dcgen import install_dcae_v_latent_space
@@ -63,15 +63,8 @@ def wan_model_config(cfg: WanConfig, shift: float):
 def build_comfy_wan(sd: dict, cfg: WanConfig, weight_dtype: str, shift: float, source: str,
                     disable_dynamic: bool = False):
     """A ModelPatcher of core's WAN21 for a Wan-keyed state dict; tensors copied one at a time (meta build)."""
-    import comfy.model_management as mm
-
     model_config = wan_model_config(cfg, shift)
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    unet_dtype = set_inference_dtypes(model_config, weight_dtype, sd, load_device)
-    if weight_dtype == "fp8_e4m3fn_fast":
-        model_config.optimizations["fp8"] = True
-    model = model_config.get_model(sd, "", device="meta")
-    model.device = None
+    model, unet_dtype, load_device, offload_device = build_on_meta(model_config, sd, weight_dtype)
     dm = model.diffusion_model
     check_tensors_match(dm.state_dict(), sd, source,
                         f"a Wan2.1 {'i2v' if cfg.image_to_video else 't2v'} transformer with {cfg.num_layers} "
