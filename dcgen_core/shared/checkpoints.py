@@ -137,18 +137,22 @@ def is_shard(path: str) -> bool:
     return bool(_SHARD.search(path)) and any(n.endswith(".safetensors.index.json") for n in os.listdir(folder))
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str, expected: str = "a JSON file", missing_ok: bool = False):
+    """The parsed JSON file at ``path`` (None when it is absent and ``missing_ok``); a file that cannot be read or
+    parsed is an error naming it and ``expected``."""
+    if missing_ok and not os.path.isfile(path):
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise DCGenError(f"{path}: expected a JSON file, could not parse it ({e}).") from e
+        raise DCGenError(f"{path}: expected {expected}, could not read it ({e}).") from e
 
 
 def _index_shards(folder: str, index_name: str, names: list[str]) -> list[str]:
     """The shards an index names, checked: inside the folder, all present, none on disk left out."""
     path = os.path.join(folder, index_name)
-    index = _read_json(path)
+    index = read_json(path, "a diffusers index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise DCGenError(f"{path}: expected a diffusers index (a JSON object with a 'weight_map' of tensor name -> "
@@ -224,7 +228,7 @@ def load_checkpoint(path: str, component: str | None = None) -> Checkpoint:
         sd.update(part)
         metadata.update(meta)
     config_path = os.path.join(folder, "config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else None
+    config = read_json(config_path, "the model's config", missing_ok=True)
     if config is None and metadata.get("config"):
         try:
             config = json.loads(metadata["config"])

@@ -26,6 +26,34 @@ class _QuietEmptyVAE(logging.Filter):
         return "No VAE weights detected" not in record.getMessage()
 
 
+def init_empty_core_vae(vae):
+    """``comfy.sd.VAE.__init__`` with no weights (this ComfyUI's defaults; its "No VAE weights" log line filtered):
+    the caller then sets the model and the facts core reads."""
+    import comfy.sd
+
+    quiet = _QuietEmptyVAE()
+    logging.getLogger().addFilter(quiet)
+    try:
+        comfy.sd.VAE.__init__(vae, sd={})
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def place_core_vae(vae, device, dtype, disable_dynamic: bool):
+    """Device, dtype (bf16 or fp32, as ComfyUI picks for the device), output device and patcher of a VAE whose
+    ``first_stage_model`` is set, as core's VAE sets them."""
+    import comfy.model_management as mm
+
+    vae.working_dtypes = [torch.bfloat16, torch.float32]
+    vae.device = device or mm.vae_device()
+    vae.vae_dtype = dtype or mm.vae_dtype(vae.device, vae.working_dtypes)
+    vae.first_stage_model.to(vae.vae_dtype)
+    archive_weight_dtypes(vae.first_stage_model)
+    vae.output_device = mm.intermediate_device()
+    vae.patcher = make_model_patcher(vae.first_stage_model, vae.device, mm.vae_offload_device(),
+                                     disable_dynamic=disable_dynamic)
+
+
 class ComfyDCAE(torch.nn.Module):
     """The DC-AE as ComfyUI's ``first_stage_model`` (ComfyUI sets its own attributes, e.g. ``device``, on it).
 
@@ -60,17 +88,11 @@ class ComfyDCAE(torch.nn.Module):
 
 
 def make_comfy_vae(model: DCAE, device=None, dtype=None, disable_dynamic: bool = False):
-    import comfy.model_management as mm
     import comfy.sd
 
     class DCAEVAE(comfy.sd.VAE):
         def __init__(self, dcae: DCAE):
-            quiet = _QuietEmptyVAE()
-            logging.getLogger().addFilter(quiet)
-            try:
-                super().__init__(sd={})
-            finally:
-                logging.getLogger().removeFilter(quiet)
+            init_empty_core_vae(self)
             cfg = dcae.config
             f = cfg.spatial_compression
             self.first_stage_model = ComfyDCAE(dcae.eval())
@@ -80,17 +102,10 @@ def make_comfy_vae(model: DCAE, device=None, dtype=None, disable_dynamic: bool =
             self.upscale_ratio = f
             self.latent_dim = 2
             self.output_channels = 3
-            self.working_dtypes = [torch.bfloat16, torch.float32]
             # per batch item; ComfyUI multiplies by the batch size it picks
             self.memory_used_decode = lambda shape, dt: estimate_decode_bytes(cfg, (1, *shape[1:]), dt)
             self.memory_used_encode = lambda shape, dt: estimate_encode_bytes(cfg, (1, *shape[1:]), dt)
-            self.device = device or mm.vae_device()
-            self.vae_dtype = dtype or mm.vae_dtype(self.device, self.working_dtypes)
-            self.first_stage_model.to(self.vae_dtype)
-            archive_weight_dtypes(self.first_stage_model)
-            self.output_device = mm.intermediate_device()
-            self.patcher = make_model_patcher(self.first_stage_model, self.device, mm.vae_offload_device(),
-                                              disable_dynamic=disable_dynamic)
+            place_core_vae(self, device, dtype, disable_dynamic)
 
     return DCAEVAE(model)
 

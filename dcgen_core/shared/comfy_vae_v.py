@@ -16,8 +16,7 @@ import os
 import torch
 
 from . import previews
-from .comfy_compat import archive_weight_dtypes, make_model_patcher
-from .comfy_vae import _QuietEmptyVAE
+from .comfy_vae import init_empty_core_vae, place_core_vae
 from .dcae_v import DCAEV, decode_video, encode_video, estimate_chunk_bytes, load_dcae_v, pick_tile, preferred_file
 from .dcae_v.chunked import tile_count
 from .errors import DCGenError
@@ -85,17 +84,11 @@ class ComfyDCAEV(torch.nn.Module):
 
 
 def make_comfy_vae_v(model: DCAEV, device=None, dtype=None, disable_dynamic: bool = False):
-    import comfy.model_management as mm
     import comfy.sd
 
     class DCAEVVAE(comfy.sd.VAE):
         def __init__(self, dcae_v: DCAEV):
-            quiet = _QuietEmptyVAE()
-            logging.getLogger().addFilter(quiet)
-            try:
-                super().__init__(sd={})
-            finally:
-                logging.getLogger().removeFilter(quiet)
+            init_empty_core_vae(self)
             cfg = dcae_v.config
             f, t = cfg.spatial_compression, cfg.temporal_compression
             self.first_stage_model = ComfyDCAEV(dcae_v.eval())
@@ -108,19 +101,12 @@ def make_comfy_vae_v(model: DCAEV, device=None, dtype=None, disable_dynamic: boo
             self.downscale_index_formula = (t, f, f)
             self.upscale_index_formula = (t, f, f)
             self.output_channels = 3
-            self.working_dtypes = [torch.bfloat16, torch.float32]
             # one chunk at a time, whatever the clip length (core divides free memory by this to batch items)
             self.memory_used_decode = lambda shape, dt: estimate_chunk_bytes(
                 cfg, shape[-2] * f, shape[-1] * f, dt, False)
             self.memory_used_encode = lambda shape, dt: estimate_chunk_bytes(cfg, shape[-2], shape[-1], dt, True)
-            self.device = device or mm.vae_device()
-            self.vae_dtype = dtype or mm.vae_dtype(self.device, self.working_dtypes)
-            self.first_stage_model.to(self.vae_dtype)
-            archive_weight_dtypes(self.first_stage_model)
-            self.output_device = mm.intermediate_device()
+            place_core_vae(self, device, dtype, disable_dynamic)
             self.first_stage_model.output_device = self.output_device
-            self.patcher = make_model_patcher(self.first_stage_model, self.device, mm.vae_offload_device(),
-                                              disable_dynamic=disable_dynamic)
 
     return DCAEVVAE(model)
 

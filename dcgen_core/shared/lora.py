@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from .checkpoints import load_safetensors
+from .checkpoints import load_safetensors, read_json
 from .embedding import extract_aligned_embedding
 from .errors import DCGenError
 from .keys import swap_scale_shift
@@ -61,11 +61,7 @@ def _alpha_from(path: str, metadata: dict) -> float | None:
         beside = os.path.join(os.path.dirname(path), PEFT_CONFIG)
         if os.path.isfile(beside):
             where = beside
-            try:
-                with open(beside, encoding="utf-8") as f:
-                    cfg = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise DCGenError(f"{beside}: expected the PEFT adapter config of {path}, could not read it ({e}).") from e
+            cfg = read_json(beside, f"the PEFT adapter config of {path}")
     if cfg is None:
         return None
     if not isinstance(cfg, dict):

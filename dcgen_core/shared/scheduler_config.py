@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .checkpoints import _read_json
+from .checkpoints import read_json
 from .errors import DCGenError
 
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
@@ -31,7 +31,7 @@ def read_scheduler_config(path: str) -> tuple[dict | None, str | None]:
     file = find_scheduler_config(path)
     if file is None:
         return None, None
-    config = _read_json(file)
+    config = read_json(file, "a diffusers scheduler config")
     if not isinstance(config, dict):
         raise DCGenError(f"{file}: expected a diffusers scheduler config (a JSON object), found a JSON "
                          f"{type(config).__name__}.")

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ...shared.checkpoints import read_json
 from ...shared.errors import DCGenError
 
 
@@ -37,8 +38,7 @@ class CacheWriter:
         self.done = {it["name"] for it in self.items}
 
     def _resume(self, path: str):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = read_json(path, "a training cache index")
         old.setdefault("family", "flux")  # caches from before the field were FLUX's
         differ = sorted(k for k in set(self.meta) | {"text_dtype"}
                         if (old.get("text_dtype") if k == "text_dtype" else old.get(k)) !=
@@ -136,12 +136,7 @@ class LatentCache:
     def __init__(self, folder: str):
         path = os.path.join(folder, INDEX) if os.path.isdir(folder) else folder
         self.folder = os.path.dirname(os.path.abspath(path))
-        try:
-            with open(path, encoding="utf-8") as f:
-                self.index = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DCGenError(f"{folder}: expected a training cache (made by `python -m dcgen_core.train prepare`) "
-                             f"with {INDEX}, could not read it ({e}).") from e
+        self.index = read_json(path, "a training cache index (made by `python -m dcgen_core.train prepare`)")
         if self.index.get("format") != FORMAT:
             raise DCGenError(f"{path}: expected a {FORMAT} index, found format {self.index.get('format')!r}.")
         if self.index.get("complete") is False:

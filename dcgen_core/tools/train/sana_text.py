@@ -5,39 +5,30 @@ pooled embedding, and DC-Gen-SANA's training is CFG-free, so no empty-caption em
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
 from ...sana.text_encoder import (DEFAULT_INSTRUCTION_TEXT, SANA_MAX_SEQUENCE_LENGTH, preprocess_prompt, sana_token_ids,
                                   select_index)
+from ...shared.checkpoints import read_json
 from ...shared.errors import DCGenError
 from .encoders import HashTextEncoder
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DCGenError(f"{path}: expected a JSON file, could not read it ({e}).") from e
 
 
 def pipeline_family(folder: str) -> str | None:
     """"sana" or "flux" for a diffusers pipeline folder, from its ``model_index.json`` (pipeline class, text
     encoder class) or else ``text_encoder/config.json`` (Gemma-2 -> sana, CLIP -> flux); None when neither
     tells."""
-    index = _read_json(os.path.join(folder, "model_index.json")) or {}
+    index = read_json(os.path.join(folder, "model_index.json"), "a diffusers pipeline index", missing_ok=True) or {}
     text = index.get("text_encoder")
     found = " ".join(str(v) for v in [index.get("_class_name", "")] + (list(text) if isinstance(text, list) else []))
     if "Sana" in found or "Gemma" in found:
         return "sana"
     if "Flux" in found or "CLIP" in found:
         return "flux"
-    config = _read_json(os.path.join(folder, "text_encoder", "config.json")) or {}
+    config = read_json(os.path.join(folder, "text_encoder", "config.json"), "a text encoder config",
+                       missing_ok=True) or {}
     kind = " ".join([str(config.get("model_type", ""))] + [str(a) for a in config.get("architectures") or []]).lower()
     if "gemma" in kind:
         return "sana"
@@ -65,7 +56,7 @@ class SanaTextEncoder:
             return p
 
         tok_dir, te_dir = sub("tokenizer", "Gemma's tokenizer"), sub("text_encoder", "Gemma2Model")
-        config = _read_json(os.path.join(te_dir, "config.json"))
+        config = read_json(os.path.join(te_dir, "config.json"), "a text encoder config", missing_ok=True)
         if config is None or config.get("model_type") != "gemma2":
             found = "no config.json" if config is None else f"model_type {config.get('model_type')!r}"
             raise DCGenError(f"{te_dir}: expected SANA's text encoder (a Gemma-2 model, config.json model_type "

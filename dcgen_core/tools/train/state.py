@@ -22,6 +22,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
+from ...shared.checkpoints import read_json
 from ...shared.errors import DCGenError
 from .fsdp import gather_full, is_sharded, like
 
@@ -40,12 +41,7 @@ class LoadedCheckpoint:
     def __init__(self, path: str):
         self.path = path
         info_path = os.path.join(path, "state.json")
-        try:
-            with open(info_path, encoding="utf-8") as f:
-                self.info = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise DCGenError(f"{path}: expected a training checkpoint folder with state.json, could not read it "
-                             f"({e}).") from e
+        self.info = read_json(info_path, "a training checkpoint's state.json")
         if self.info.get("format") != FORMAT:
             raise DCGenError(f"{info_path}: expected a {FORMAT} state.json, found format "
                              f"{self.info.get('format')!r}.")
