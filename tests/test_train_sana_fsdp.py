@@ -55,6 +55,7 @@ def test_sana_lora_under_fsdp_equals_one_process(sana_run_files, tmp_path):
                       "--gradient-accumulation", "2", "--sharding", "fsdp", *COMMON)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fsdp (weights sharded over 2); global batch 4 = 1 per device x 2 processes x 2 accumulation" in res.stderr
+    assert res.stderr.count(": flow shift 3.0 (") == 1, res.stderr[-3000:]  # logs come from the main process only
     m = re.search(r"fsdp: parameter bytes held per process \[(\d+), (\d+)\] of the model's (\d+)", res.stderr)
     assert m, res.stderr[-2000:]
     assert max(int(m[1]), int(m[2])) < 0.75 * int(m[3])  # each process holds about half (+ the whole embedder/head)

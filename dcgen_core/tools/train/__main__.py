@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ...shared.errors import DCGenError
@@ -160,10 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from .distributed import processes
+    from .distributed import close_processes, processes
 
     procs = processes(cpu=getattr(args, "device", "auto") == "cpu")
+    # logs come from the main process; the others report only warnings and errors
+    logging.basicConfig(level=logging.INFO if procs.is_main else logging.WARNING, format="%(message)s")
+    try:
+        return _run(args, procs)
+    finally:
+        close_processes()
+
+
+def _run(args, procs) -> int:
     say = print if procs.is_main else (lambda *a, **k: None)
     try:
         if args.command == "prepare":
@@ -203,5 +212,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli():
+    """``python -m dcgen_core.train``: exits with main()'s status. A process of an ``accelerate launch`` ends with
+    ``os._exit`` once its output is flushed: torch's teardown of the distributed runtime at interpreter exit can
+    abort a process whose work is done (SIGABRT, "terminate called without an active exception", seen about once in
+    ten 2-process FSDP runs on CPU), which the launcher then reports as a failed run."""
+    code = main()
+    from .distributed import launched_distributed
+
+    if launched_distributed():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

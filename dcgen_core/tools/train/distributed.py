@@ -91,6 +91,15 @@ class Processes:
 _PROCESSES = None
 
 
+def close_processes():
+    """Leave the process group before the process exits: a gloo / NCCL group still alive at interpreter exit can
+    abort the process ("terminate called without an active exception") after its work is done."""
+    global _PROCESSES
+    if _PROCESSES is not None and _PROCESSES.state is not None:
+        _PROCESSES.state.destroy_process_group()
+    _PROCESSES = None
+
+
 def processes(cpu: bool = False) -> Processes:
     """The process group (made on the first call; ``cpu``: gloo processes on the CPU even with CUDA present)."""
     global _PROCESSES
